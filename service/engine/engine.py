@@ -1,0 +1,379 @@
+"""The engine: one worker thread runs the model; the event loop only hands work in and
+drains results out.
+
+``Engine.submit`` returns a ``GenerationStream`` at once: an async iterator of ``Delta``
+followed by a final ``GenerationResult``. The worker thread owns the runner, the
+scheduler and the KV cache bookkeeping; one lock guards that bookkeeping (never held
+during a model run), so ``submit``, ``cancel`` and the statistics are safe to call from
+the event loop without blocking it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.config import EngineSettings
+from service.engine.kv_cache import CacheEntry, KVCacheManager, NoFreeSlot
+from service.engine.runner import Runner
+from service.engine.sampling import Sampler
+from service.engine.scheduler import DecodeStep, PrefillStep, Scheduler
+from service.engine.sequence import Phase, Sequence
+from service.engine.stopping import StopMatcher
+from service.engine.tokenizer import ChatTokenizer
+from service.engine.types import ChatKey, Delta, FinishReason, GenerationId, GenerationResult, SamplingParams
+from service.errors import ContextOverflow
+
+log = logging.getLogger(__name__)
+
+_Event = Delta | GenerationResult
+
+
+@dataclass(slots=True)
+class EngineStats:
+    """Monotonic counters and current gauges, read by /metrics and the benchmarks."""
+
+    steps: int = 0
+    decode_steps: int = 0
+    generated_tokens: int = 0
+    prefill_tokens: int = 0  # prompt positions computed
+    cached_tokens: int = 0  # prompt positions served from a chat's cache
+    settled_tokens: int = 0  # decode-mode positions re-prefilled to make a cache exact
+    waiting: int = 0
+    running: int = 0
+    resident_tokens: int = 0
+    evictions: int = 0
+
+
+class GenerationStream:
+    """What ``submit`` returns: the deltas of one generation, then its result."""
+
+    def __init__(self, engine: Engine, seq: Sequence, queue_position: int, cached_estimate: int) -> None:
+        self._engine = engine
+        self._seq = seq
+        self._queue: asyncio.Queue[_Event] = asyncio.Queue()
+        self._result: GenerationResult | None = None
+        self.id = seq.id
+        self.prompt_tokens = len(seq.prompt)
+        self.queue_position = queue_position
+        self.cached_tokens = cached_estimate
+
+    def __aiter__(self) -> AsyncIterator[Delta]:
+        return self
+
+    async def __anext__(self) -> Delta:
+        if self._result is not None:
+            raise StopAsyncIteration
+        event = await self._queue.get()
+        if isinstance(event, GenerationResult):
+            self._result = event
+            raise StopAsyncIteration
+        return event
+
+    async def result(self) -> GenerationResult:
+        """Wait for the end (discarding deltas not yet read) and return the record."""
+        while self._result is None:
+            event = await self._queue.get()
+            if isinstance(event, GenerationResult):
+                self._result = event
+        return self._result
+
+    @property
+    def generated_tokens(self) -> int:
+        """Tokens the worker has produced so far (read from any thread)."""
+        return len(self._seq.generated)
+
+    def cancel(self) -> None:
+        self._engine.cancel(self.id)
+
+    def _put(self, event: _Event) -> None:
+        self._queue.put_nowait(event)
+
+
+class Engine:
+    def __init__(self, runner: Runner, tokenizer: ChatTokenizer, settings: EngineSettings) -> None:
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.max_len = runner.max_len
+        self.stats = EngineStats()
+        self._kv = KVCacheManager(
+            runner.slots, settings.kv_budget_mb * 2**20 // runner.shape.kv_bytes_per_token
+        )
+        self._scheduler = Scheduler(
+            max_batch=min(settings.max_batch, runner.slots),
+            max_waiting=settings.max_waiting,
+            prefill_chunk=settings.prefill_chunk,
+            interleaved_chunk=settings.interleaved_chunk,
+        )
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._ids = itertools.count(1)
+        self._streams: dict[GenerationId, GenerationStream] = {}
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._idle: asyncio.Event | None = None
+
+    # ---- event-loop side -------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._idle = asyncio.Event()
+        self._thread = threading.Thread(target=self._run, name="engine-worker", daemon=True)
+        self._thread.start()
+
+    async def close(self) -> None:
+        """Cancel whatever runs, wait for the worker to finish its step, and stop it."""
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+
+    async def wait_idle(self) -> None:
+        """Return once the worker has nothing left to do: no generation queued or running,
+        and every finished chat's cache settled (exact for reuse)."""
+        assert self._idle is not None, "engine not started"
+        await self._idle.wait()
+
+    def submit(self, chat: ChatKey, prompt: list[int], params: SamplingParams) -> GenerationStream:
+        """Queue a generation continuing ``prompt`` for ``chat``; raises ``QueueFull``,
+        ``ContextOverflow`` or ``ValueError`` (bad params) before anything starts."""
+        if self._loop is None:
+            raise RuntimeError("engine not started")
+        params.validate()
+        if not prompt:
+            raise ValueError("empty prompt")
+        if len(prompt) + 1 > self.max_len:
+            raise ContextOverflow(
+                f"prompt of {len(prompt)} tokens leaves no room in a context of {self.max_len}"
+            )
+        seq = Sequence(
+            id=GenerationId(next(self._ids)),
+            chat=chat,
+            prompt=list(prompt),
+            params=params,
+            sampler=Sampler(params),
+            detokenizer=self.tokenizer.detokenizer(),
+            stop=StopMatcher(params.stop),
+            eos_ids=self.tokenizer.eos_token_ids,
+            max_len=self.max_len,
+        )
+        assert self._idle is not None
+        self._idle.clear()
+        with self._lock:
+            position = self._scheduler.add(seq)
+            cached = self._kv.peek(chat, prompt)
+            stream = GenerationStream(self, seq, position, min(cached, max(0, len(prompt) - 2)))
+            self._streams[seq.id] = stream
+            self.stats.waiting = len(self._scheduler.waiting)
+        self._wake.set()
+        return stream
+
+    def cancel(self, generation: GenerationId) -> None:
+        """Ask the worker to end a generation; it runs at most one more step."""
+        stream = self._streams.get(generation)
+        if stream is not None:
+            stream._seq.cancel_requested = True
+            self._wake.set()
+
+    def forget(self, chat: ChatKey) -> None:
+        """Drop a chat's cache (the chat was deleted)."""
+        with self._lock:
+            slot = self._kv.forget(chat)
+            if slot is not None:
+                self.runner.release_slot(slot)
+
+    # ---- worker side -----------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            events: list[tuple[GenerationStream, _Event]] = []
+            with self._lock:
+                if self._stopping:
+                    self._cancel_all(events)
+                    self._deliver_threadsafe(events)
+                    return
+                self._reap_cancelled(events)
+                self._admit(events)
+                step = self._scheduler.next_step(self._settle_candidate())
+                if step is None:
+                    self._wake.clear()
+            if step is None:
+                self._deliver_threadsafe(events)
+                self._signal_idle()
+                self._wake.wait()
+                continue
+            try:
+                logits = self._forward(step)
+            except Exception as exc:  # a failed run ends its generations, never the engine
+                log.exception("model run failed")
+                with self._lock:
+                    self._fail(step, f"model run failed: {exc}", events)
+            else:
+                with self._lock:
+                    self._postprocess(step, logits, events)
+            self._deliver_threadsafe(events)
+
+    def _settle_candidate(self) -> CacheEntry | None:
+        if not self._scheduler.is_idle():
+            return None
+        unsettled = self._kv.unsettled()
+        return unsettled[0] if unsettled else None
+
+    def _forward(self, step: PrefillStep | DecodeStep) -> np.ndarray:
+        if isinstance(step, PrefillStep):
+            source = step.sequence.prompt if step.sequence is not None else step.entry.ids
+            tokens = np.asarray([source[step.start : step.end]], dtype=np.int64)
+            return self.runner.forward(step.entry.slot, tokens, [step.start])
+        tokens = np.asarray([[s.generated[-1]] for s in step.sequences], dtype=np.int64)
+        past = [len(s.prompt) + len(s.generated) - 1 for s in step.sequences]
+        return self.runner.forward(0, tokens, past)
+
+    def _admit(self, events: list[tuple[GenerationStream, _Event]]) -> None:
+        while self._scheduler.has_room():
+            seq = self._scheduler.waiting[0]
+            try:
+                entry, released = self._kv.acquire(seq.chat)
+            except NoFreeSlot:
+                return
+            self._release(released)
+            self._scheduler.admit_next()
+            seq.admitted_at = time.perf_counter()
+            seq.entry = entry
+            reuse = entry.reusable_prefix(seq.prompt)
+            reuse = min(reuse, max(0, len(seq.prompt) - 2))
+            seq.prefilled = seq.cached_tokens = reuse
+            del entry.ids[reuse:]
+            entry.exact = min(entry.exact, reuse)
+        self.stats.waiting = len(self._scheduler.waiting)
+
+    def _postprocess(
+        self,
+        step: PrefillStep | DecodeStep,
+        logits: np.ndarray,
+        events: list[tuple[GenerationStream, _Event]],
+    ) -> None:
+        self.stats.steps += 1
+        if isinstance(step, PrefillStep):
+            entry = step.entry
+            chunk = (step.sequence.prompt if step.sequence is not None else entry.ids)[step.start : step.end]
+            if step.sequence is None:
+                entry.exact = step.end
+                self.stats.settled_tokens += step.end - step.start
+                return
+            del entry.ids[step.start :]
+            entry.ids.extend(chunk)
+            entry.exact = step.end
+            seq = step.sequence
+            seq.prefilled = step.end
+            self.stats.prefill_tokens += step.end - step.start
+            if seq.prefilled == len(seq.prompt):
+                self.stats.cached_tokens += seq.cached_tokens
+                self._scheduler.start_decoding(seq)
+                self._place_decoders()
+                self._accept(seq, logits[0], events)
+            return
+        self.stats.decode_steps += 1
+        for row, seq in enumerate(step.sequences):
+            assert seq.entry is not None
+            seq.entry.ids.append(seq.generated[-1])
+            self._accept(seq, logits[row], events)
+
+    def _accept(
+        self, seq: Sequence, logits: np.ndarray, events: list[tuple[GenerationStream, _Event]]
+    ) -> None:
+        delta = seq.accept(logits)
+        self.stats.generated_tokens += 1
+        stream = self._streams[seq.id]
+        if delta is not None:
+            events.append((stream, delta))
+        if seq.reason is not None:
+            self._finish(seq, seq.reason, None, events)
+
+    def _finish(
+        self,
+        seq: Sequence,
+        reason: FinishReason,
+        error: str | None,
+        events: list[tuple[GenerationStream, _Event]],
+    ) -> None:
+        was_decoding = seq.phase is Phase.DECODE
+        seq.finish(reason, error)
+        self._scheduler.remove(seq)
+        if was_decoding:
+            self._place_decoders()
+        if seq.entry is not None:
+            self._release(self._kv.release(seq.entry))
+        stream = self._streams.pop(seq.id)
+        events.append((stream, seq.result()))
+        self.stats.running = len(self._scheduler.decoding) + len(self._scheduler.prefilling)
+        self.stats.resident_tokens = self._kv.resident_tokens()
+        self.stats.evictions = self._kv.evictions
+
+    def _place_decoders(self) -> None:
+        """Keep decoding sequences in slots 0..n-1, in order, so one step binds one range."""
+        for index, seq in enumerate(self._scheduler.decoding):
+            assert seq.entry is not None
+            if seq.entry.slot != index:
+                other = self._kv.by_slot[index]
+                self.runner.swap_slots(
+                    index, seq.entry.slot, len(other.ids) if other else 0, len(seq.entry.ids)
+                )
+                self._kv.swap(index, seq.entry.slot)
+        self.stats.running = len(self._scheduler.decoding) + len(self._scheduler.prefilling)
+
+    def _release(self, slots: list[int]) -> None:
+        for slot in slots:
+            self.runner.release_slot(slot)
+
+    def _reap_cancelled(self, events: list[tuple[GenerationStream, _Event]]) -> None:
+        for container in (self._scheduler.waiting, self._scheduler.prefilling, self._scheduler.decoding):
+            for seq in [s for s in container if s.cancel_requested]:
+                self._finish(seq, FinishReason.CANCELLED, None, events)
+
+    def _cancel_all(self, events: list[tuple[GenerationStream, _Event]]) -> None:
+        for container in (self._scheduler.waiting, self._scheduler.prefilling, self._scheduler.decoding):
+            for seq in list(container):
+                self._finish(seq, FinishReason.CANCELLED, None, events)
+
+    def _fail(
+        self, step: PrefillStep | DecodeStep, message: str, events: list[tuple[GenerationStream, _Event]]
+    ) -> None:
+        if isinstance(step, PrefillStep):
+            del step.entry.ids[step.start :]
+            step.entry.exact = min(step.entry.exact, step.start)
+            if step.sequence is not None:
+                self._finish(step.sequence, FinishReason.ERROR, message, events)
+            return
+        for seq in step.sequences:
+            self._finish(seq, FinishReason.ERROR, message, events)
+
+    def _signal_idle(self) -> None:
+        loop, idle = self._loop, self._idle
+        if loop is not None and idle is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._set_idle_unless_busy)
+
+    def _set_idle_unless_busy(self) -> None:
+        """Runs on the loop: a submit that raced the worker's last look keeps it busy."""
+        with self._lock:
+            busy = not self._scheduler.is_idle() or bool(self._kv.unsettled())
+        if not busy and self._idle is not None:
+            self._idle.set()
+
+    def _deliver_threadsafe(self, events: list[tuple[GenerationStream, _Event]]) -> None:
+        if events and self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(_deliver, events)
+
+
+def _deliver(events: list[tuple[GenerationStream, _Event]]) -> None:
+    for stream, event in events:
+        stream._put(event)

@@ -1,0 +1,230 @@
+"""Chat-level tokenizer: encode/decode, the model's chat template, and streaming detokenization.
+
+Loads a Hugging Face tokenizer directory (``tokenizer.json`` + ``tokenizer_config.json``,
+optionally ``generation_config.json`` / ``config.json``), as written by
+:mod:`service.engine.models.gguf_tokenizer` or by an optimum export.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, NoReturn, TypedDict
+
+from jinja2.exceptions import TemplateError
+from jinja2.ext import loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer
+from tokenizers.decoders import DecodeStream
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+    from pathlib import Path
+
+    from jinja2 import Template
+
+
+class ChatMessage(TypedDict):
+    role: str
+    content: str
+
+
+def _raise_exception(message: str) -> NoReturn:
+    raise TemplateError(message)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+def _tojson(
+    value: object,
+    indent: int | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+) -> str:
+    # Jinja's own tojson escapes HTML characters and non-ASCII, which chat templates do not expect.
+    return json.dumps(value, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def compile_chat_template(source: str) -> Template:
+    """Compile a chat template the way transformers does (sandboxed, trim/lstrip blocks)."""
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = _tojson
+    helpers: dict[str, Callable[..., object]] = {
+        "raise_exception": _raise_exception,
+        "strftime_now": _strftime_now,
+    }
+    env.globals.update(helpers)
+    return env.from_string(source)
+
+
+def _token_text(value: object) -> str | None:
+    """A special-token entry of tokenizer_config.json: a string or an AddedToken dict."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        content = value.get("content")
+        return content if isinstance(content, str) else None
+    return None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return data if isinstance(data, dict) else {}
+
+
+def _ids(value: object) -> set[int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return {value}
+    if isinstance(value, list):
+        return {v for v in value if isinstance(v, int) and not isinstance(v, bool)}
+    return set()
+
+
+def _chat_template_source(model_dir: Path, config: dict[str, Any]) -> str | None:
+    jinja_file = model_dir / "chat_template.jinja"
+    if jinja_file.is_file():
+        return jinja_file.read_text(encoding="utf-8")
+    template = config.get("chat_template")
+    if template is None:
+        template = _read_json(model_dir / "chat_template.json").get("chat_template")
+    if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) else None
+
+
+class ChatTokenizer:
+    """A tokenizer plus the model's chat template and end-of-sequence ids."""
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        *,
+        chat_template: str | None,
+        eos_token_ids: frozenset[int],
+        bos_token: str | None = None,
+        eos_token: str | None = None,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.eos_token_ids = eos_token_ids
+        self.bos_token = bos_token
+        self.eos_token = eos_token
+        self._template = None if chat_template is None else compile_chat_template(chat_template)
+
+    @classmethod
+    def from_dir(cls, model_dir: Path) -> ChatTokenizer:
+        tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        config = _read_json(model_dir / "tokenizer_config.json")
+        bos = _token_text(config.get("bos_token"))
+        eos = _token_text(config.get("eos_token"))
+        eos_ids: set[int] = set()
+        if eos is not None and (eos_id := tokenizer.token_to_id(eos)) is not None:
+            eos_ids.add(eos_id)
+        for name in ("generation_config.json", "config.json"):
+            eos_ids |= _ids(_read_json(model_dir / name).get("eos_token_id"))
+        if not eos_ids:
+            raise ValueError(f"{model_dir}: no end-of-sequence token id found")
+        return cls(
+            tokenizer,
+            chat_template=_chat_template_source(model_dir, config),
+            eos_token_ids=frozenset(eos_ids),
+            bos_token=bos,
+            eos_token=eos,
+        )
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``; special tokens written in it are recognised, none are added."""
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def render(self, messages: Sequence[ChatMessage], add_generation_prompt: bool) -> str:
+        if self._template is None:
+            raise ValueError("this model has no chat template")
+        return self._template.render(
+            messages=[dict(m) for m in messages],
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "",
+            eos_token=self.eos_token or "",
+        )
+
+    def prompt_ids(self, messages: Sequence[ChatMessage]) -> list[int]:
+        return self.encode(self.render(messages, add_generation_prompt=True))
+
+    def next_turn_ids(self, prior_ids: Sequence[int], messages: Sequence[ChatMessage]) -> list[int]:
+        """Prompt ids for the whole conversation, keeping ``prior_ids`` as their prefix if possible.
+
+        ``prior_ids`` are the ids the model already holds in its KV cache (earlier prompt and
+        generated ids); re-tokenizing the rendered text could split it differently, so only the
+        text after what they decode to is encoded.
+        """
+        full = self.render(messages, add_generation_prompt=True)
+        consumed = self.decode(prior_ids)
+        if full.startswith(consumed):
+            return [*prior_ids, *self.encode(full[len(consumed) :])]
+        return self.encode(full)
+
+    def detokenizer(self) -> IncrementalDetokenizer:
+        return IncrementalDetokenizer(self.tokenizer)
+
+
+class IncrementalDetokenizer:
+    """Streams the text of one generation, never splitting a UTF-8 character.
+
+    Special tokens are skipped. The texts returned by :meth:`push` and :meth:`flush`
+    concatenate to ``decode(ids, skip_special_tokens=True)`` of all pushed ids.
+    """
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._tokenizer = tokenizer
+        self._stream = DecodeStream(skip_special_tokens=True)
+        self._ids: list[int] = []
+        self._emitted: list[str] = []
+        self._held: list[int] = []
+
+    @property
+    def pending_tokens(self) -> int:
+        """Pushed tokens whose text has not been returned yet."""
+        return len(self._held)
+
+    def push(self, token_id: int) -> str:
+        """Text that ``token_id`` (with any held-back tokens) completes; may be empty."""
+        self._ids.append(token_id)
+        self._held.append(token_id)
+        # None both while bytes are held back and for a skipped special token.
+        text = self._stream.step(self._tokenizer, token_id)
+        if not text:
+            return ""
+        self._emitted.append(text)
+        self._held.clear()
+        return text
+
+    def flush(self) -> str:
+        """The text still held back; call once, at the end.
+
+        A generation cut off in the middle of a character (max_tokens, stop, cancel) ends
+        with an unfinished byte sequence: that is dropped, since half a character is not
+        text and U+FFFD would only put garbage into the stored reply.
+        """
+        if not self._held:
+            return ""
+        # DecodeStream has no flush of its own: take the tail of the full decode.
+        full = self._tokenizer.decode(self._ids, skip_special_tokens=True)
+        emitted = "".join(self._emitted)
+        if full.startswith(emitted):
+            tail = full[len(emitted) :]
+        else:
+            tail = self._tokenizer.decode(self._held, skip_special_tokens=True)
+        self._held.clear()
+        tail = tail.rstrip("\ufffd")
+        self._emitted.append(tail)
+        return tail

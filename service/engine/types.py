@@ -1,0 +1,82 @@
+"""Value types shared by the engine's parts and its callers.
+
+Kept free of onnxruntime and asyncio so that the scheduler, the sampler and the
+server can all speak them without pulling in the runtime.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import NewType
+
+ChatKey = NewType("ChatKey", str)
+"""Names one conversation's KV cache. The server derives it from (user, chat id),
+so no conversation can ever be served another's cache."""
+
+GenerationId = NewType("GenerationId", int)
+
+
+class FinishReason(StrEnum):
+    STOP = "stop"  # end-of-sequence token or a stop string
+    LENGTH = "length"  # max_tokens reached, or the context is full
+    CANCELLED = "cancelled"
+    ERROR = "error"
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """Per-generation decoding settings; ``temperature == 0`` means greedy."""
+
+    max_tokens: int = 256
+    temperature: float = 0.7
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = no top-k cut
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first field out of range."""
+        if not 1 <= self.max_tokens <= 1_000_000:
+            raise ValueError("max_tokens must be between 1 and 1000000")
+        if not 0.0 <= self.temperature <= 10.0:
+            raise ValueError("temperature must be between 0 and 10")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError("top_p must be in (0, 1]")
+        if self.top_k < 0:
+            raise ValueError("top_k must be >= 0")
+        if not 0.0 < self.repetition_penalty <= 10.0:
+            raise ValueError("repetition_penalty must be in (0, 10]")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise ValueError("seed must be in [0, 2**63)")
+        if len(self.stop) > 16 or any(not s or len(s) > 256 for s in self.stop):
+            raise ValueError("stop takes at most 16 non-empty strings of at most 256 characters")
+
+
+@dataclass(frozen=True, slots=True)
+class Delta:
+    """New text of one generation. ``tokens`` counts the generated tokens it covers
+    (more than one when bytes of a multi-byte character were held back)."""
+
+    index: int  # position of the first generated token this delta covers
+    text: str
+    tokens: int = 1
+
+
+@dataclass(slots=True)
+class GenerationResult:
+    """The final record of one generation, whatever ended it."""
+
+    reason: FinishReason
+    text: str
+    token_ids: list[int]  # the ids the model produced (what a re-prefill must be fed)
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    queued_ms: float
+    ttft_ms: float | None
+    total_ms: float
+    tokens_per_s: float
+    error: str | None = None
+    extra: dict[str, float] = field(default_factory=dict)

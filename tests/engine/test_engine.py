@@ -1,0 +1,279 @@
+"""The engine on real ONNX models: streaming, exact KV reuse, batching, cancellation, limits."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.engine.engine import Engine, GenerationStream
+from service.engine.tokenizer import ChatMessage
+from service.engine.types import ChatKey, Delta, FinishReason, GenerationResult, SamplingParams
+from service.errors import ContextOverflow, QueueFull
+from tests.engine.conftest import EngineFactory
+
+GREEDY = SamplingParams(temperature=0, max_tokens=24)
+
+
+def prompt(engine: Engine, text: str) -> list[int]:
+    return engine.tokenizer.prompt_ids([{"role": "user", "content": text}])
+
+
+async def collect(stream: GenerationStream) -> tuple[list[Delta], GenerationResult]:
+    deltas = [delta async for delta in stream]
+    return deltas, await stream.result()
+
+
+async def two_turns(
+    engine: Engine, chat: str, first: str, second: str, params: SamplingParams
+) -> GenerationResult:
+    ids = prompt(engine, first)
+    turn1 = await engine.submit(ChatKey(chat), ids, params).result()
+    messages: list[ChatMessage] = [
+        {"role": "user", "content": first},
+        {"role": "assistant", "content": turn1.text},
+        {"role": "user", "content": second},
+    ]
+    ids2 = engine.tokenizer.next_turn_ids(ids + turn1.token_ids, messages)
+    await engine.wait_idle()  # the first turn's cache is settled: exact for reuse
+    return await engine.submit(ChatKey(chat), ids2, params).result()
+
+
+async def test_stream_deltas_concatenate_to_the_result(tiny_engine: EngineFactory) -> None:
+    """Deltas arrive in order with contiguous indexes and add up to the final text."""
+    async with tiny_engine() as engine:
+        deltas, result = await collect(engine.submit(ChatKey("a"), prompt(engine, "Hello"), GREEDY))
+    assert "".join(d.text for d in deltas) == result.text
+    expected_index = 0
+    for delta in deltas:
+        assert delta.index == expected_index
+        expected_index += delta.tokens
+    assert result.reason is FinishReason.LENGTH
+    assert result.completion_tokens == len(result.token_ids) == GREEDY.max_tokens
+    assert result.prompt_tokens == len(prompt(engine, "Hello"))
+    assert result.ttft_ms is not None
+    assert result.ttft_ms > 0
+
+
+@pytest.mark.parametrize("chunk", [2, 5, 512])
+async def test_cached_turn_equals_recompute(tiny_engine: EngineFactory, chunk: int) -> None:
+    """A second turn served from the chat's cache gives the tokens a cold recompute gives."""
+    async with tiny_engine(prefill_chunk=chunk, interleaved_chunk=chunk) as engine:
+        warm = await two_turns(engine, "warm", "Hi there", "Tell me more", GREEDY)
+        cold_ids = engine.tokenizer.prompt_ids(
+            [
+                {"role": "user", "content": "Hi there"},
+                {"role": "assistant", "content": "x"},
+            ]
+        )
+        del cold_ids  # the cold twin is fed exactly the warm chat's ids below
+    async with tiny_engine(prefill_chunk=chunk) as engine:
+        ids = prompt(engine, "Hi there")
+        turn1 = await engine.submit(ChatKey("cold"), ids, GREEDY).result()
+        messages: list[ChatMessage] = [
+            {"role": "user", "content": "Hi there"},
+            {"role": "assistant", "content": turn1.text},
+            {"role": "user", "content": "Tell me more"},
+        ]
+        ids2 = engine.tokenizer.next_turn_ids(ids + turn1.token_ids, messages)
+        cold = await engine.submit(ChatKey("other-chat"), ids2, GREEDY).result()
+    assert warm.cached_tokens > len(ids)
+    assert cold.cached_tokens == 0
+    assert warm.token_ids == cold.token_ids
+
+
+async def test_evicted_chat_reprefills_to_the_same_continuation(tiny_engine: EngineFactory) -> None:
+    """With room for one chat, a chat pushed out of the cache continues exactly as if cached."""
+    async with tiny_engine(kv_slots=1, max_batch=1) as engine:
+        ids = prompt(engine, "Once upon a time")
+        turn1 = await engine.submit(ChatKey("a"), ids, GREEDY).result()
+        await engine.submit(ChatKey("b"), prompt(engine, "Unrelated"), GREEDY).result()
+        messages: list[ChatMessage] = [
+            {"role": "user", "content": "Once upon a time"},
+            {"role": "assistant", "content": turn1.text},
+            {"role": "user", "content": "Go on"},
+        ]
+        ids2 = engine.tokenizer.next_turn_ids(ids + turn1.token_ids, messages)
+        evicted = await engine.submit(ChatKey("a"), ids2, GREEDY).result()
+        assert engine.stats.evictions >= 1
+    async with tiny_engine() as engine:
+        warm = await two_turns(engine, "a", "Once upon a time", "Go on", GREEDY)
+    assert evicted.cached_tokens == 0
+    assert warm.cached_tokens > 0
+    assert evicted.token_ids == warm.token_ids
+
+
+async def test_batched_generation_matches_alone(tiny_engine: EngineFactory) -> None:
+    """A generation decoded in one batch with others yields the tokens it yields alone."""
+    texts = ["Alpha", "A much longer prompt about the weather in the mountains", "Gamma", "Delta delta", "E"]
+    async with tiny_engine() as engine:
+        alone = [
+            (await engine.submit(ChatKey(f"solo{i}"), prompt(engine, t), GREEDY).result()).token_ids
+            for i, t in enumerate(texts)
+        ]
+    async with tiny_engine(interleaved_chunk=4) as engine:
+        streams = [
+            engine.submit(ChatKey(f"batch{i}"), prompt(engine, t), GREEDY) for i, t in enumerate(texts)
+        ]
+        together = [(await s.result()).token_ids for s in streams]
+        assert engine.stats.decode_steps < sum(len(t) for t in together)  # decode steps were shared
+    assert together == alone
+
+
+async def test_cancel_stops_within_one_step(tiny_engine: EngineFactory) -> None:
+    """After cancel, at most one more token is produced and the reason is cancelled."""
+    async with tiny_engine() as engine:
+        stream = engine.submit(
+            ChatKey("c"), prompt(engine, "Count"), SamplingParams(temperature=0, max_tokens=500)
+        )
+        received = 0
+        async for delta in stream:
+            received += delta.tokens
+            if received >= 3:
+                at_cancel = stream.generated_tokens
+                stream.cancel()
+                break
+        result = await stream.result()
+    assert result.reason is FinishReason.CANCELLED
+    assert result.completion_tokens <= at_cancel + 1
+    assert result.completion_tokens < 500
+
+
+async def test_cancel_while_waiting_never_starts(tiny_engine: EngineFactory) -> None:
+    """A queued generation cancelled before admission ends cancelled with no tokens."""
+    async with tiny_engine(max_batch=1) as engine:
+        running = engine.submit(
+            ChatKey("r"), prompt(engine, "One"), SamplingParams(temperature=0, max_tokens=200)
+        )
+        queued = engine.submit(ChatKey("q"), prompt(engine, "Two"), GREEDY)
+        assert queued.queue_position >= 1
+        queued.cancel()
+        result = await queued.result()
+        running.cancel()
+        await running.result()
+    assert result.reason is FinishReason.CANCELLED
+    assert result.completion_tokens == 0
+
+
+async def test_seeded_sampling_is_reproducible(tiny_engine: EngineFactory) -> None:
+    """The same seed gives the same tokens; another seed gives other tokens."""
+    params = SamplingParams(temperature=1.0, top_p=0.95, top_k=50, seed=1234, max_tokens=32)
+    async with tiny_engine() as engine:
+        ids = prompt(engine, "Sample me")
+        first = await engine.submit(ChatKey("s1"), ids, params).result()
+        second = await engine.submit(ChatKey("s2"), ids, params).result()
+        other = await engine.submit(
+            ChatKey("s3"), ids, SamplingParams(temperature=1.0, seed=99, max_tokens=32)
+        ).result()
+    assert first.token_ids == second.token_ids
+    assert other.token_ids != first.token_ids
+
+
+async def test_stop_string_ends_the_reply_before_it(tiny_engine: EngineFactory) -> None:
+    """A stop string cuts the reply just before it, with reason stop."""
+    async with tiny_engine() as engine:
+        ids = prompt(engine, "Stop test")
+        free = await engine.submit(ChatKey("f"), ids, SamplingParams(temperature=0, max_tokens=40)).result()
+        cut = len(free.text) // 2
+        stop = free.text[cut : cut + 3]
+        assert stop.strip()
+        stopped = await engine.submit(
+            ChatKey("g"), ids, SamplingParams(temperature=0, max_tokens=40, stop=(stop,))
+        ).result()
+    assert stopped.reason is FinishReason.STOP
+    assert stopped.text == free.text[: free.text.index(stop)]
+
+
+async def test_queue_bound_rejects_with_queue_full(tiny_engine: EngineFactory) -> None:
+    """Past max_batch running and max_waiting queued, submit raises QueueFull."""
+    long = SamplingParams(temperature=0, max_tokens=400)
+    async with tiny_engine(max_batch=1, max_waiting=2) as engine:
+        ids = prompt(engine, "Queue")
+        accepted = [engine.submit(ChatKey("q0"), ids, long)]
+        await anext(aiter(accepted[0]))  # the first one is running: the queue is empty
+        accepted += [engine.submit(ChatKey(f"q{i}"), ids, long) for i in (1, 2)]
+        with pytest.raises(QueueFull):
+            engine.submit(ChatKey("q3"), ids, long)
+        assert [s.queue_position for s in accepted] == [0, 1, 2]
+        for stream in accepted:
+            stream.cancel()
+        results = [await s.result() for s in accepted]
+    assert all(r.reason is FinishReason.CANCELLED for r in results)
+
+
+async def test_prompt_longer_than_context_is_refused(tiny_engine: EngineFactory) -> None:
+    """A prompt that leaves no room for a token raises ContextOverflow before anything starts."""
+    async with tiny_engine(max_context=64) as engine:
+        with pytest.raises(ContextOverflow):
+            engine.submit(ChatKey("long"), prompt(engine, "word " * 100), GREEDY)
+        result = await engine.submit(
+            ChatKey("fits"), prompt(engine, "short"), SamplingParams(temperature=0, max_tokens=500)
+        ).result()
+    assert result.reason is FinishReason.LENGTH
+    assert result.prompt_tokens + result.completion_tokens == 64
+
+
+async def test_bad_params_are_refused(tiny_engine: EngineFactory) -> None:
+    """Out-of-range sampling parameters raise ValueError naming the field."""
+    async with tiny_engine() as engine:
+        with pytest.raises(ValueError, match="top_p"):
+            engine.submit(ChatKey("p"), prompt(engine, "x"), SamplingParams(top_p=0.0))
+
+
+# ---- the real default model ---------------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_default_model_cached_turn_equals_recompute(default_engine: EngineFactory) -> None:
+    """On SmolLM2 (int8), a cached second turn and a cold recompute give identical greedy tokens."""
+    params = SamplingParams(temperature=0, max_tokens=48)
+    async with default_engine() as engine:
+        warm = await two_turns(engine, "warm", "What is the capital of France?", "And of Italy?", params)
+    async with default_engine(prefill_chunk=7) as engine:
+        ids = prompt(engine, "What is the capital of France?")
+        turn1 = await engine.submit(ChatKey("t1"), ids, params).result()
+        messages: list[ChatMessage] = [
+            {"role": "user", "content": "What is the capital of France?"},
+            {"role": "assistant", "content": turn1.text},
+            {"role": "user", "content": "And of Italy?"},
+        ]
+        cold = await engine.submit(
+            ChatKey("cold"), engine.tokenizer.next_turn_ids(ids + turn1.token_ids, messages), params
+        ).result()
+    assert warm.cached_tokens > 0
+    assert cold.cached_tokens == 0
+    assert warm.token_ids == cold.token_ids
+
+
+@pytest.mark.slow
+async def test_default_model_batched_matches_alone(default_engine: EngineFactory) -> None:
+    """On SmolLM2, four generations batched together match each one run alone."""
+    texts = ["Name a fruit.", "Write a haiku about rain.", "What is 2+2?", "Say hello in French."]
+    params = SamplingParams(temperature=0, max_tokens=32)
+    async with default_engine() as engine:
+        alone = [
+            (await engine.submit(ChatKey(f"a{i}"), prompt(engine, t), params).result()).token_ids
+            for i, t in enumerate(texts)
+        ]
+        streams = [engine.submit(ChatKey(f"b{i}"), prompt(engine, t), params) for i, t in enumerate(texts)]
+        together = [(await s.result()).token_ids for s in streams]
+    assert together == alone
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("request_text", "script"),
+    [("Reply with three emoji that describe happiness.", "emoji"), ("请用中文介绍一下北京。", "cjk")],
+)
+async def test_default_model_streams_multibyte_text_intact(
+    default_engine: EngineFactory, request_text: str, script: str
+) -> None:
+    """Emoji and CJK arrive whole: held-back bytes ride in multi-token deltas, never U+FFFD."""
+    async with default_engine() as engine:
+        deltas, result = await collect(
+            engine.submit(
+                ChatKey(script), prompt(engine, request_text), SamplingParams(temperature=0, max_tokens=41)
+            )
+        )
+    assert "".join(d.text for d in deltas) == result.text
+    assert all("\ufffd" not in d.text for d in deltas)
+    assert any(d.tokens > 1 and any(ord(c) > 0x2E7F for c in d.text) for d in deltas)
+    assert not result.text.endswith("\ufffd")
