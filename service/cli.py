@@ -1,0 +1,55 @@
+"""Command-line options shared by every entry point, turned into settings in one place."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from service.config import EngineSettings
+from service.engine.models.onnx_builder import Precision
+from service.paths import default_data_dir
+
+_DEFAULTS = EngineSettings()
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model and engine")
+    group.add_argument(
+        "--model",
+        default="default",
+        help="'default' (SmolLM2-135M-Instruct), a .gguf file, an ONNX dir or org/name",
+    )
+    group.add_argument("--precision", choices=[p.value for p in Precision], default=Precision.INT8.value)
+    group.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    group.add_argument("--threads", type=int, default=0, help="decoder threads (default: every core)")
+    group.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="prepared models live here (default: $LOCALCHAT_DATA_DIR, $XDG_DATA_HOME/localchat "
+        "or ~/.local/share/localchat)",
+    )
+    group.add_argument(
+        "--max-batch", type=int, default=_DEFAULTS.max_batch, help="generations per decode step"
+    )
+    group.add_argument("--max-context", type=int, default=_DEFAULTS.max_context, help="positions per chat")
+    group.add_argument(
+        "--kv-budget-mb", type=int, default=_DEFAULTS.kv_budget_mb, help="memory for cached chats"
+    )
+
+
+def engine_settings(args: argparse.Namespace) -> EngineSettings:
+    for name in ("threads", "max_batch", "max_context", "kv_budget_mb"):
+        if getattr(args, name) < (0 if name == "threads" else 1):
+            raise SystemExit(f"--{name.replace('_', '-')} must be positive")
+    return EngineSettings(
+        device=args.device,
+        threads=args.threads,
+        max_batch=args.max_batch,
+        max_context=args.max_context,
+        kv_budget_mb=args.kv_budget_mb,
+    )
+
+
+def data_dir(args: argparse.Namespace) -> Path:
+    return Path(args.data_dir) if args.data_dir is not None else default_data_dir()
