@@ -140,6 +140,7 @@ class Runner:
         self._pool = _HostPool(self.shape, slots, max_len)
         self._logits = np.zeros((slots, self.shape.vocab_size), dtype=np.float32)
         self._binding = self.session.io_binding()
+        self._bound: tuple[int, int] | None = None
         self._kv_names = [
             (PAST_KEY.format(i), PRESENT_KEY.format(i), PAST_VALUE.format(i), PRESENT_VALUE.format(i))
             for i in range(self.shape.num_layers)
@@ -168,6 +169,16 @@ class Runner:
         binding = self._binding
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(tokens, dtype=np.int64))
         binding.bind_cpu_input("attention_mask", mask)
+        if self._bound != (first_slot, batch):
+            self._bind_cache(first_slot, batch)
+        logits = self._logits[:batch]
+        self.session.run_with_iobinding(binding)
+        return logits
+
+    def _bind_cache(self, first_slot: int, batch: int) -> None:
+        """Bind slots ``first_slot..+batch`` as every layer's past and present (one buffer).
+        Bindings persist across runs, so this runs only when the slot range changes."""
+        binding = self._binding
         kv_shape = [batch, self.shape.num_kv_heads, self.max_len, self.shape.head_dim]
         arrays = self._pool.arrays
         for layer, (past_k, present_k, past_v, present_v) in enumerate(self._kv_names):
@@ -175,16 +186,12 @@ class Runner:
                 (arrays[2 * layer], past_k, present_k),
                 (arrays[2 * layer + 1], past_v, present_v),
             ):
-                view = array[first_slot]
-                ptr = view.ctypes.data
+                ptr = array[first_slot].ctypes.data
                 binding.bind_input(past, "cpu", 0, np.float32, kv_shape, ptr)
                 binding.bind_output(present, "cpu", 0, np.float32, kv_shape, ptr)
-        logits = self._logits[:batch]
-        binding.bind_output(
-            "logits", "cpu", 0, np.float32, [batch, 1, self.shape.vocab_size], logits.ctypes.data
-        )
-        self.session.run_with_iobinding(binding)
-        return logits
+        logits_shape = [batch, 1, self.shape.vocab_size]
+        binding.bind_output("logits", "cpu", 0, np.float32, logits_shape, self._logits.ctypes.data)
+        self._bound = (first_slot, batch)
 
     def _forward_concat(self, first_slot: int, tokens: np.ndarray, past_lengths: Sequence[int]) -> np.ndarray:
         """Graphs exported by optimum append to the past themselves (present = past + new):
