@@ -205,6 +205,7 @@ class Engine:
                 self._reap_cancelled(events)
                 self._admit(events)
                 step = self._scheduler.next_step(self._settle_candidate())
+                self._update_gauges()
                 if step is None:
                     self._wake.clear()
             if step is None:
@@ -254,7 +255,12 @@ class Engine:
             seq.prefilled = seq.cached_tokens = reuse
             del entry.ids[reuse:]
             entry.exact = min(entry.exact, reuse)
+
+    def _update_gauges(self) -> None:
         self.stats.waiting = len(self._scheduler.waiting)
+        self.stats.running = len(self._scheduler.decoding) + len(self._scheduler.prefilling)
+        self.stats.resident_tokens = self._kv.resident_tokens()
+        self.stats.evictions = self._kv.evictions
 
     def _postprocess(
         self,
@@ -315,9 +321,6 @@ class Engine:
             self._release(self._kv.release(seq.entry))
         stream = self._streams.pop(seq.id)
         events.append((stream, seq.result()))
-        self.stats.running = len(self._scheduler.decoding) + len(self._scheduler.prefilling)
-        self.stats.resident_tokens = self._kv.resident_tokens()
-        self.stats.evictions = self._kv.evictions
 
     def _place_decoders(self) -> None:
         """Keep decoding sequences in slots 0..n-1, in order, so one step binds one range."""
@@ -329,7 +332,6 @@ class Engine:
                     index, seq.entry.slot, len(other.ids) if other else 0, len(seq.entry.ids)
                 )
                 self._kv.swap(index, seq.entry.slot)
-        self.stats.running = len(self._scheduler.decoding) + len(self._scheduler.prefilling)
 
     def _release(self, slots: list[int]) -> None:
         for slot in slots:
