@@ -277,3 +277,23 @@ async def test_default_model_streams_multibyte_text_intact(
     assert all("\ufffd" not in d.text for d in deltas)
     assert any(d.tokens > 1 and any(ord(c) > 0x2E7F for c in d.text) for d in deltas)
     assert not result.text.endswith("\ufffd")
+
+
+async def test_long_prompt_prefills_in_chunks_between_decode_steps(tiny_engine: EngineFactory) -> None:
+    """While a long prompt prefills, a running generation keeps getting a token per chunk."""
+    chunk = 8
+    async with tiny_engine(interleaved_chunk=chunk) as engine:
+        running = engine.submit(
+            ChatKey("running"), prompt(engine, "Hi"), SamplingParams(temperature=0, max_tokens=200)
+        )
+        await anext(aiter(running))
+        long_prompt = prompt(engine, "lorem ipsum " * 35)
+        before = running.generated_tokens
+        newcomer = engine.submit(ChatKey("long"), long_prompt, SamplingParams(temperature=0, max_tokens=4))
+        await anext(aiter(newcomer))
+        during = running.generated_tokens - before
+        running.cancel()
+        await running.result()
+        await newcomer.result()
+    assert len(long_prompt) > 10 * chunk
+    assert during >= len(long_prompt) // chunk - 1
