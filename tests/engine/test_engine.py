@@ -22,17 +22,24 @@ async def collect(stream: GenerationStream) -> tuple[list[Delta], GenerationResu
     return deltas, await stream.result()
 
 
+def second_turn_ids(
+    engine: Engine, first_ids: list[int], first: str, reply: GenerationResult, second: str
+) -> list[int]:
+    """The prompt of the second turn, continuing exactly the ids the first turn consumed."""
+    messages: list[ChatMessage] = [
+        {"role": "user", "content": first},
+        {"role": "assistant", "content": reply.text},
+        {"role": "user", "content": second},
+    ]
+    return engine.tokenizer.next_turn_ids(first_ids + reply.token_ids, messages)
+
+
 async def two_turns(
     engine: Engine, chat: str, first: str, second: str, params: SamplingParams
 ) -> GenerationResult:
     ids = prompt(engine, first)
     turn1 = await engine.submit(ChatKey(chat), ids, params).result()
-    messages: list[ChatMessage] = [
-        {"role": "user", "content": first},
-        {"role": "assistant", "content": turn1.text},
-        {"role": "user", "content": second},
-    ]
-    ids2 = engine.tokenizer.next_turn_ids(ids + turn1.token_ids, messages)
+    ids2 = second_turn_ids(engine, ids, first, turn1, second)
     await engine.wait_idle()  # the first turn's cache is settled: exact for reuse
     return await engine.submit(ChatKey(chat), ids2, params).result()
 
@@ -58,22 +65,10 @@ async def test_cached_turn_equals_recompute(tiny_engine: EngineFactory, chunk: i
     """A second turn served from the chat's cache gives the tokens a cold recompute gives."""
     async with tiny_engine(prefill_chunk=chunk, interleaved_chunk=chunk) as engine:
         warm = await two_turns(engine, "warm", "Hi there", "Tell me more", GREEDY)
-        cold_ids = engine.tokenizer.prompt_ids(
-            [
-                {"role": "user", "content": "Hi there"},
-                {"role": "assistant", "content": "x"},
-            ]
-        )
-        del cold_ids  # the cold twin is fed exactly the warm chat's ids below
     async with tiny_engine(prefill_chunk=chunk) as engine:
         ids = prompt(engine, "Hi there")
         turn1 = await engine.submit(ChatKey("cold"), ids, GREEDY).result()
-        messages: list[ChatMessage] = [
-            {"role": "user", "content": "Hi there"},
-            {"role": "assistant", "content": turn1.text},
-            {"role": "user", "content": "Tell me more"},
-        ]
-        ids2 = engine.tokenizer.next_turn_ids(ids + turn1.token_ids, messages)
+        ids2 = second_turn_ids(engine, ids, "Hi there", turn1, "Tell me more")
         cold = await engine.submit(ChatKey("other-chat"), ids2, GREEDY).result()
     assert warm.cached_tokens > len(ids)
     assert cold.cached_tokens == 0
@@ -86,12 +81,7 @@ async def test_evicted_chat_reprefills_to_the_same_continuation(tiny_engine: Eng
         ids = prompt(engine, "Once upon a time")
         turn1 = await engine.submit(ChatKey("a"), ids, GREEDY).result()
         await engine.submit(ChatKey("b"), prompt(engine, "Unrelated"), GREEDY).result()
-        messages: list[ChatMessage] = [
-            {"role": "user", "content": "Once upon a time"},
-            {"role": "assistant", "content": turn1.text},
-            {"role": "user", "content": "Go on"},
-        ]
-        ids2 = engine.tokenizer.next_turn_ids(ids + turn1.token_ids, messages)
+        ids2 = second_turn_ids(engine, ids, "Once upon a time", turn1, "Go on")
         evicted = await engine.submit(ChatKey("a"), ids2, GREEDY).result()
         assert engine.stats.evictions >= 1
     async with tiny_engine() as engine:
@@ -230,14 +220,8 @@ async def test_default_model_cached_turn_equals_recompute(default_engine: Engine
     async with default_engine(prefill_chunk=7) as engine:
         ids = prompt(engine, "What is the capital of France?")
         turn1 = await engine.submit(ChatKey("t1"), ids, params).result()
-        messages: list[ChatMessage] = [
-            {"role": "user", "content": "What is the capital of France?"},
-            {"role": "assistant", "content": turn1.text},
-            {"role": "user", "content": "And of Italy?"},
-        ]
-        cold = await engine.submit(
-            ChatKey("cold"), engine.tokenizer.next_turn_ids(ids + turn1.token_ids, messages), params
-        ).result()
+        ids2 = second_turn_ids(engine, ids, "What is the capital of France?", turn1, "And of Italy?")
+        cold = await engine.submit(ChatKey("cold"), ids2, params).result()
     assert warm.cached_tokens > 0
     assert cold.cached_tokens == 0
     assert warm.token_ids == cold.token_ids
