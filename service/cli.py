@@ -12,16 +12,15 @@ from service.paths import default_data_dir
 _DEFAULTS = EngineSettings()
 
 
-def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("model and engine")
+def add_model_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """--model, --precision, --data-dir: which model, built how, cached where."""
+    group = parser.add_argument_group("model")
     group.add_argument(
         "--model",
         default="default",
         help="'default' (SmolLM2-135M-Instruct), a .gguf file, an ONNX dir or org/name",
     )
     group.add_argument("--precision", choices=[p.value for p in Precision], default=Precision.INT8.value)
-    group.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    group.add_argument("--threads", type=int, default=0, help="decoder threads (default: every core)")
     group.add_argument(
         "--data-dir",
         type=Path,
@@ -29,6 +28,13 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         help="prepared models live here (default: $LOCALCHAT_DATA_DIR, $XDG_DATA_HOME/localchat "
         "or ~/.local/share/localchat)",
     )
+    return group
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    group = add_model_arguments(parser)
+    group.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    group.add_argument("--threads", type=int, default=0, help="decoder threads (default: every core)")
     group.add_argument(
         "--max-batch", type=int, default=_DEFAULTS.max_batch, help="generations per decode step"
     )

@@ -16,7 +16,7 @@ import sys
 import time
 
 from service.cli import add_engine_arguments, data_dir, engine_settings
-from service.engine.engine import Engine, GenerationStream
+from service.engine.engine import GenerationStream
 from service.engine.loader import load_engine
 from service.engine.models.onnx_builder import Precision
 from service.engine.models.registry import parse_model_arg, resolve
@@ -38,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def _stream(engine: Engine, stream: GenerationStream) -> GenerationResult:
+async def _stream(stream: GenerationStream) -> GenerationResult:
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGINT, stream.cancel)
     try:
@@ -92,7 +92,7 @@ async def _chat(args: argparse.Namespace) -> int:
                 continue
             messages.append({"role": "user", "content": text})
             prompt = engine.tokenizer.next_turn_ids(consumed, messages)
-            result = await _stream(engine, engine.submit(ChatKey("demo"), prompt, params))
+            result = await _stream(engine.submit(ChatKey("demo"), prompt, params))
             print(f"\n{_summary(result)}", file=sys.stderr)
             messages.append({"role": "assistant", "content": result.text})
             consumed = prompt + result.token_ids

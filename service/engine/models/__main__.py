@@ -5,40 +5,29 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
+from service.cli import add_model_arguments, data_dir
 from service.engine.models.onnx_builder import Precision
 from service.engine.models.registry import parse_model_arg, resolve
 from service.errors import ModelError
-from service.paths import default_data_dir
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m service.engine.models")
     commands = parser.add_subparsers(dest="command", required=True)
     prepare = commands.add_parser("prepare", help="fetch and build a model; print its directory")
-    prepare.add_argument(
-        "--model", default="default", help="'default', a .gguf file, an ONNX dir or org/name"
-    )
-    prepare.add_argument("--precision", choices=[p.value for p in Precision], default=Precision.INT8.value)
-    prepare.add_argument(
-        "--data-dir",
-        type=Path,
-        default=None,
-        help="default: $LOCALCHAT_DATA_DIR, $XDG_DATA_HOME/localchat or ~/.local/share/localchat",
-    )
+    add_model_arguments(prepare)
     prepare.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    data_dir: Path = args.data_dir or default_data_dir()
     started = time.perf_counter()
     try:
         prepared = resolve(
             parse_model_arg(args.model),
-            data_dir,
+            data_dir(args),
             precision=Precision(args.precision),
             progress=not args.quiet,
         )
