@@ -4,7 +4,8 @@
  ├── ``ModelError``        a model cannot be found, prepared or loaded
  ├── ``EngineError``       the decoder failed while running a generation
  │    └── ``ContextOverflow`` a prompt does not fit the model's context
- └── ``QueueFull``         the engine's waiting queue is at its bound
+ ├── ``QueueFull``         the engine's waiting queue is at its bound
+ └── ``StoreError``        the history database is unreachable, or refuses or fails a query
 """
 
 from __future__ import annotations
@@ -28,3 +29,7 @@ class ContextOverflow(EngineError):
 
 class QueueFull(ServiceError):
     """The engine's waiting queue is full; try again later."""
+
+
+class StoreError(ServiceError):
+    """The history database cannot be reached, has an unknown schema, or failed a query."""

@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
+import asyncpg
 import pytest
 
 from service.engine.models.default_model import fetch_default_gguf
@@ -16,3 +25,100 @@ CACHE_DIR = REPO_ROOT / ".cache"
 def smollm2_gguf() -> Path:
     """Path of the default model's GGUF, downloaded into <repo>/.cache once per machine."""
     return fetch_default_gguf(CACHE_DIR)
+
+
+# --- PostgreSQL ------------------------------------------------------------------------------------
+# A real PostgreSQL 15 for the store and the server: the Debian cluster of the machine (started on
+# demand), or whatever LOCALCHAT_TEST_DATABASE_URL names. Each test gets a fresh database.
+
+TEST_DATABASE_ENV = "LOCALCHAT_TEST_DATABASE_URL"
+PG_VERSION = "15"
+PG_HOST, PG_PORT = "127.0.0.1", 5432
+PG_TEST_ROLE = "localchat_test"  # also its password: a throwaway role on a test machine
+
+_ENSURE_ROLE = f"""
+DO $$
+BEGIN
+    CREATE ROLE {PG_TEST_ROLE} LOGIN CREATEDB PASSWORD '{PG_TEST_ROLE}';
+EXCEPTION WHEN duplicate_object OR unique_violation THEN  -- exists, or a parallel run made it
+    ALTER ROLE {PG_TEST_ROLE} LOGIN CREATEDB PASSWORD '{PG_TEST_ROLE}';
+END $$;
+"""
+
+
+def _tcp_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _as_postgres(*argv: str) -> list[str]:
+    """``argv`` run as the cluster owner (peer authentication lets only it in over the socket)."""
+    if os.geteuid() == 0:
+        return ["runuser", "-u", "postgres", "--", *argv]
+    return ["sudo", "-n", "-u", "postgres", "--", *argv]
+
+
+def _start_cluster() -> None:
+    """Start the machine's PostgreSQL 15 cluster (no systemd needed) and wait for its TCP port."""
+    if (
+        shutil.which("pg_ctlcluster") is None
+        or not Path(f"/usr/lib/postgresql/{PG_VERSION}/bin/postgres").exists()
+    ):
+        pytest.fail(
+            f"PostgreSQL {PG_VERSION} is not installed (apt-get install postgresql-{PG_VERSION}); "
+            f"or point {TEST_DATABASE_ENV} at a server whose user may CREATE DATABASE",
+            pytrace=False,
+        )
+    start = ["pg_ctlcluster", PG_VERSION, "main", "start"]
+    result = subprocess.run(
+        start if os.geteuid() == 0 else ["sudo", "-n", *start], capture_output=True, text=True, check=False
+    )
+    deadline = time.monotonic() + 10
+    while not _tcp_open(PG_HOST, PG_PORT):  # a parallel run may have started it first: that's fine
+        if time.monotonic() > deadline:
+            pytest.fail(f"could not start PostgreSQL {PG_VERSION}: {result.stderr.strip()}", pytrace=False)
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="session")
+def postgres_admin_dsn() -> str:
+    """A DSN (URI) of a PostgreSQL user that may CREATE DATABASE, for the whole session.
+
+    ``$LOCALCHAT_TEST_DATABASE_URL`` when set; else the machine's PostgreSQL 15 cluster over TCP as
+    the ``localchat_test`` role, starting the cluster and creating the role first when needed.
+    """
+    explicit = os.environ.get(TEST_DATABASE_ENV)
+    if explicit:
+        return explicit
+    if not _tcp_open(PG_HOST, PG_PORT):
+        _start_cluster()
+    psql = _as_postgres(
+        "psql", "--no-psqlrc", "-q", "-v", "ON_ERROR_STOP=1", "-d", "postgres", "-c", _ENSURE_ROLE
+    )
+    # cwd: the postgres user may not be allowed into our working directory.
+    result = subprocess.run(psql, cwd="/", capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        pytest.fail(f"cannot create the {PG_TEST_ROLE} role: {result.stderr.strip()}", pytrace=False)
+    return f"postgresql://{PG_TEST_ROLE}:{PG_TEST_ROLE}@{PG_HOST}:{PG_PORT}/postgres"
+
+
+@pytest.fixture
+async def database_url(postgres_admin_dsn: str) -> AsyncIterator[str]:
+    """The DSN of a fresh, empty database made for this test, dropped after it."""
+    name = f"localchat_test_{uuid.uuid4().hex[:16]}"
+    admin = await asyncpg.connect(postgres_admin_dsn)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    try:
+        yield urlunsplit(urlsplit(postgres_admin_dsn)._replace(path=f"/{name}"))
+    finally:
+        admin = await asyncpg.connect(postgres_admin_dsn)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
