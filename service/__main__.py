@@ -1,10 +1,81 @@
-"""``python -m service``: until the WebSocket server lands, this runs the engine's terminal chat."""
+"""``python -m service``: the chat service (WebSocket ``/ws``, the page, health and metrics).
+
+The engine's terminal demo is ``python -m service.engine.demo``; model preparation alone
+is ``python -m service.engine.models prepare``.
+"""
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import logging
+import os
 import sys
 
-from service.engine.demo import main
+from service.app import run
+from service.cli import add_engine_arguments, data_dir, engine_settings
+from service.config import ServerSettings, ServiceSettings
+from service.errors import ServiceError
+
+_DEFAULTS = ServerSettings()
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m service", description=__doc__.split("\n\n")[0])
+    net = parser.add_argument_group("server")
+    net.add_argument("--host", default=_DEFAULTS.host, help="interface to listen on (default: %(default)s)")
+    net.add_argument("--port", type=int, default=_DEFAULTS.port, help="(default: %(default)s)")
+    net.add_argument(
+        "--auth",
+        choices=["none", "token"],
+        default=_DEFAULTS.auth,
+        help="none: one local user, hello needs no token; token: hello must carry a user's token",
+    )
+    net.add_argument(
+        "--disconnect-grace",
+        type=float,
+        default=_DEFAULTS.disconnect_grace_s,
+        metavar="SECONDS",
+        help="keep a dropped connection's generations running this long, for `open` with `resume`",
+    )
+    parser.add_argument(
+        "--database-url",
+        default=os.environ.get("DATABASE_URL") or None,
+        help="PostgreSQL >= 15 (default: $DATABASE_URL, else an embedded PostgreSQL in --data-dir)",
+    )
+    add_engine_arguments(parser, several_models=True)
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> ServiceSettings:
+    if not 0 <= args.port <= 65535:
+        raise SystemExit("--port must be in 0..65535")
+    if args.disconnect_grace < 0:
+        raise SystemExit("--disconnect-grace must be >= 0")
+    return ServiceSettings(
+        server=ServerSettings(
+            host=args.host, port=args.port, auth=args.auth, disconnect_grace_s=args.disconnect_grace
+        ),
+        engine=engine_settings(args),
+        data_dir=data_dir(args),
+        database_url=args.database_url,
+        models=tuple(args.models or ["default"]),
+        precision=args.precision,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("websockets").setLevel(logging.WARNING)
+    try:
+        asyncio.run(run(settings_from_args(args)))
+    except ServiceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -12,14 +12,20 @@ from service.paths import default_data_dir
 _DEFAULTS = EngineSettings()
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
-    """--model, --precision, --data-dir: which model, built how, cached where."""
+def add_model_arguments(parser: argparse.ArgumentParser, *, several: bool = False) -> argparse._ArgumentGroup:
+    """--model, --precision, --data-dir: which model (or models), built how, cached where."""
     group = parser.add_argument_group("model")
-    group.add_argument(
-        "--model",
-        default="default",
-        help="'default' (SmolLM2-135M-Instruct), a .gguf file, an ONNX dir or org/name",
-    )
+    what = "'default' (SmolLM2-135M-Instruct), a .gguf file, an ONNX dir or org/name"
+    if several:
+        group.add_argument(
+            "--model",
+            action="append",
+            dest="models",
+            metavar="ID_OR_PATH",
+            help=f"{what}; repeat to offer several, the first is the default (default: 'default')",
+        )
+    else:
+        group.add_argument("--model", default="default", help=what)
     group.add_argument("--precision", choices=[p.value for p in Precision], default=Precision.INT8.value)
     group.add_argument(
         "--data-dir",
@@ -31,8 +37,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGr
     return group
 
 
-def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    group = add_model_arguments(parser)
+def add_engine_arguments(parser: argparse.ArgumentParser, *, several_models: bool = False) -> None:
+    group = add_model_arguments(parser, several=several_models)
     group.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     group.add_argument("--threads", type=int, default=0, help="decoder threads (default: every core)")
     group.add_argument(

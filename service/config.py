@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 
 def default_threads() -> int:
@@ -31,3 +32,33 @@ class EngineSettings:
 
     def resolved_threads(self) -> int:
         return self.threads or default_threads()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServerSettings:
+    """The WebSocket server: where it listens and the limits it enforces (units in names)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8765
+    auth: str = "none"  # none | token
+    max_frame_bytes: int = 64 * 1024  # larger client frames: close 1009
+    max_sessions: int = 16  # open sessions per connection
+    max_connections: int = 1024
+    hello_timeout_s: float = 10.0  # no hello by then: close 4408
+    disconnect_grace_s: float = 0.0  # how long a dropped connection's generations keep running
+    max_tokens: int = 4096  # upper bound of params.max_tokens
+    default_max_tokens: int = 256
+    ping_interval_s: float | None = 20.0  # websockets' keepalive pings
+    ping_timeout_s: float | None = 20.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServiceSettings:
+    """Everything ``python -m service`` runs with, built once from the command line."""
+
+    server: ServerSettings
+    engine: EngineSettings
+    data_dir: Path
+    database_url: str | None  # None: start the embedded PostgreSQL in data_dir
+    models: tuple[str, ...] = ("default",)  # as named on the command line; the first is the default
+    precision: str = "int8"

@@ -1,0 +1,90 @@
+"""Start the whole service from its settings: database, models, server; stop it cleanly.
+
+Start-up order: the database (the embedded one when no URL is given), migrations, the
+``interrupted`` sweep, the models (the default one loaded), then the port. SIGINT and
+SIGTERM end :func:`run`: running generations are cancelled and stored, the port closes,
+the engines stop and the embedded PostgreSQL is shut down (never orphaned).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator
+
+from service.config import ServiceSettings
+from service.engine.models.onnx_builder import Precision
+from service.model_pool import ModelPool
+from service.server import ChatServer
+from service.store.embedded import EmbeddedPostgres
+from service.store.store import Store
+
+log = logging.getLogger("service")
+
+
+@contextlib.asynccontextmanager
+async def database(settings: ServiceSettings) -> AsyncIterator[tuple[Store, str]]:
+    """An open store, and a description of where it lives (for the logs)."""
+    embedded = None
+    url = settings.database_url
+    if url is None:
+        embedded = await asyncio.to_thread(EmbeddedPostgres.start, settings.data_dir)
+        url = embedded.dsn
+    try:
+        store = await Store.open(url)
+        try:
+            where = f"embedded PostgreSQL in {embedded.pgdata}" if embedded else _redacted(url)
+            yield store, where
+        finally:
+            await store.close()
+    finally:
+        if embedded is not None:
+            await asyncio.to_thread(embedded.stop)
+
+
+def _redacted(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    if "@" in rest:
+        rest = "***@" + rest.rsplit("@", 1)[1]
+    return f"{scheme}{sep}{rest}"
+
+
+@contextlib.asynccontextmanager
+async def running_service(settings: ServiceSettings) -> AsyncIterator[ChatServer]:
+    """The service up and listening until the block ends (tests use this directly)."""
+    async with database(settings) as (store, where):
+        interrupted = await store.mark_interrupted()
+        if interrupted:
+            log.warning(
+                "marked %d message(s) left mid-generation by the last run as interrupted", interrupted
+            )
+        local_user = await store.local_user()
+        models = await ModelPool.prepare(
+            list(settings.models), settings.data_dir, Precision(settings.precision), settings.engine
+        )
+        try:
+            server = ChatServer(settings, store, models, local_user)
+            async with server.serve():
+                log.info("database: %s", where)
+                log.info(
+                    "models: %s (default %s)",
+                    ", ".join(m["id"] for m in models.describe()),
+                    models.default_id,
+                )
+                log.info("listening on http://%s:%d/ (WebSocket /ws)", settings.server.host, server.port)
+                yield server
+        finally:
+            await models.close()
+
+
+async def run(settings: ServiceSettings) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    async with running_service(settings):
+        await stop.wait()
+        log.info("shutting down")
+    log.info("stopped")

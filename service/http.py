@@ -1,0 +1,60 @@
+"""Plain HTTP on the WebSocket port, through websockets' ``process_request`` hook:
+``/`` (the browser page), ``/healthz``, ``/readyz`` and ``/metrics``. ``/ws`` goes on to
+the WebSocket handshake; anything else is 404.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from http import HTTPStatus
+from importlib import resources
+from typing import TYPE_CHECKING
+
+import orjson
+from websockets.asyncio.server import ServerConnection
+from websockets.http11 import Request, Response
+
+from service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+
+if TYPE_CHECKING:
+    from service.server import ChatServer
+
+WS_PATH = "/ws"
+
+ProcessRequest = Callable[[ServerConnection, Request], Awaitable[Response | None]]
+
+
+def _respond(connection: ServerConnection, status: HTTPStatus, body: str, content_type: str) -> Response:
+    response = connection.respond(status, body)
+    del response.headers["Content-Type"]
+    response.headers["Content-Type"] = content_type
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+def _page() -> str:
+    return resources.files("service.web").joinpath("index.html").read_text(encoding="utf-8")
+
+
+def process_request(server: ChatServer) -> ProcessRequest:
+    async def handle(connection: ServerConnection, request: Request) -> Response | None:
+        path = request.path.split("?", 1)[0]
+        if path == WS_PATH:
+            return None
+        if path == "/healthz":
+            return _respond(connection, HTTPStatus.OK, '{"status":"ok"}', "application/json")
+        if path == "/readyz":
+            reason = await server.ready()
+            if reason is None:
+                return _respond(connection, HTTPStatus.OK, '{"status":"ready"}', "application/json")
+            body = orjson.dumps({"status": "unavailable", "reason": reason}).decode()
+            return _respond(connection, HTTPStatus.SERVICE_UNAVAILABLE, body, "application/json")
+        if path == "/metrics":
+            return _respond(
+                connection, HTTPStatus.OK, server.metrics.exposition().decode(), METRICS_CONTENT_TYPE
+            )
+        if path in ("/", "/index.html"):
+            return _respond(connection, HTTPStatus.OK, _page(), "text/html; charset=utf-8")
+        return _respond(connection, HTTPStatus.NOT_FOUND, "not found\n", "text/plain; charset=utf-8")
+
+    return handle

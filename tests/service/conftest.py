@@ -1,0 +1,79 @@
+"""A real service on port 0: the tiny model, a fresh PostgreSQL database per test."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from service.app import running_service
+from service.config import EngineSettings, ServerSettings, ServiceSettings
+from service.engine.models.registry import PreparedModel
+from service.server import ChatServer
+from tests.engine.conftest import tiny_model  # noqa: F401  (a session fixture shared with the engine tests)
+from tests.protocol.schema_check import validate_server_frame
+from tests.service.client import Client
+
+ServiceFactory = Callable[..., AbstractAsyncContextManager[ChatServer]]
+
+
+def ws_url(server: ChatServer) -> str:
+    return f"ws://127.0.0.1:{server.port}/ws"
+
+
+@pytest.fixture
+def service_settings(database_url: str, tiny_model: PreparedModel, tmp_path: Path) -> ServiceSettings:  # noqa: F811
+    return ServiceSettings(
+        server=ServerSettings(port=0, ping_interval_s=None),
+        engine=EngineSettings(threads=2, kv_slots=16, max_context=256),
+        data_dir=tmp_path,
+        database_url=database_url,
+        models=(str(tiny_model.directory),),
+    )
+
+
+@pytest.fixture
+def start_service(service_settings: ServiceSettings) -> ServiceFactory:
+    """``async with start_service(engine={...}, **server_overrides) as server``: a running
+    service; start it again (same database) to test a restart."""
+
+    @asynccontextmanager
+    async def running(engine: dict[str, Any] | None = None, **overrides: Any) -> AsyncIterator[ChatServer]:
+        settings = dataclasses.replace(
+            service_settings,
+            server=dataclasses.replace(service_settings.server, **overrides),
+            engine=dataclasses.replace(service_settings.engine, **(engine or {})),
+        )
+        violations: list[str] = []
+
+        def check(frame: Mapping[str, Any]) -> None:
+            try:
+                validate_server_frame(dict(frame))
+            except Exception as exc:
+                violations.append(f"{exc}: {frame}")
+
+        async with running_service(settings) as server:
+            server.frame_observer = check
+            yield server
+        assert not violations, "frames that break schema/:\n" + "\n".join(violations)
+
+    return running
+
+
+@pytest.fixture
+async def server(start_service: ServiceFactory) -> AsyncIterator[ChatServer]:
+    async with start_service() as running:
+        yield running
+
+
+@pytest.fixture
+async def client(server: ChatServer) -> AsyncIterator[Client]:
+    """A connected client that has said hello."""
+    connected = await Client.connect(ws_url(server))
+    await connected.hello(client="pytest")
+    yield connected
+    await connected.close()

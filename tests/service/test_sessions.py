@@ -1,0 +1,219 @@
+"""End to end over a real WebSocket: sessions, streaming, stop/close/disconnect, history."""
+
+from __future__ import annotations
+
+import asyncio
+
+from service.server import ChatServer
+from tests.service.client import Client, Reply
+from tests.service.conftest import ServiceFactory, ws_url
+
+GREEDY = {"temperature": 0}
+LONG = {"temperature": 0, "max_tokens": 200}
+
+
+def assert_contiguous(reply: Reply) -> None:
+    """Token frames cover indices 0..n-1 without gap or overlap, and ``done`` counts them."""
+    expected = 0
+    for frame in reply.tokens:
+        assert frame["index"] == expected, reply.tokens
+        expected += frame.get("tokens", 1)
+    assert expected == reply.done["usage"]["completion_tokens"]
+
+
+async def stored_messages(client: Client, chat: str) -> list[dict[str, object]]:
+    history = await client.request({"type": "history", "chat": chat})
+    assert history["type"] == "history", history
+    return list(history["messages"])
+
+
+async def test_three_sessions_stream_at_once_on_one_connection(client: Client, server: ChatServer) -> None:
+    """Three sessions generate concurrently; their frames interleave and each keeps its order."""
+    chats = {}
+    for name in ("a", "b", "c"):
+        chats[name] = (await client.open(name))["chat"]
+    started = {
+        name: await client.start(name, f"Tell me about {name}", **GREEDY, max_tokens=40) for name in chats
+    }
+    replies = await asyncio.gather(*(client.finish(name, started[name]) for name in chats))
+    for reply in replies:
+        assert_contiguous(reply)
+        assert reply.done["reason"] in ("stop", "length")
+    order = [f["session"] for f in client.received if f["type"] == "token"]
+    first_b, last_a = order.index("b"), len(order) - 1 - order[::-1].index("a")
+    assert first_b < last_a, "sessions did not stream concurrently"
+    await server.idle()
+    for name, reply in zip(chats, replies, strict=True):
+        messages = await stored_messages(client, chats[name])
+        assert [m["role"] for m in messages] == ["user", "assistant"]
+        assert messages[1]["text"] == reply.text
+        assert messages[1]["id"] == reply.started["message"] == reply.done["message"]
+        assert messages[1]["status"] == "complete"
+
+
+async def test_stop_cancels_and_stores_the_streamed_text(client: Client, server: ChatServer) -> None:
+    """``stop`` ends the generation with ``cancelled``; the stored text is what streamed."""
+    chat = (await client.open("s"))["chat"]
+    started = await client.start("s", "Count to a thousand", **LONG)
+    first = await client.wait_for(lambda f: f["type"] == "token")
+    await client.send({"type": "stop", "session": "s"})
+    reply = await client.finish("s", started)
+    reply.tokens.insert(0, first)
+    assert reply.done["reason"] == "cancelled"
+    assert reply.done["usage"]["completion_tokens"] < LONG["max_tokens"]
+    assert_contiguous(reply)
+    await server.idle()
+    messages = await stored_messages(client, chat)
+    assert messages[-1]["status"] == "cancelled"
+    assert messages[-1]["text"] == reply.text
+
+
+async def test_stop_without_a_generation_does_nothing(client: Client) -> None:
+    """``stop`` on an idle session sends nothing; the session keeps working."""
+    await client.open("s")
+    await client.send({"type": "stop", "session": "s"})
+    assert (await client.request({"type": "ping"}))["type"] == "pong"
+    assert [f["type"] for f in client.received][-1] == "pong"
+
+
+async def test_close_cancels_before_closed(client: Client, server: ChatServer) -> None:
+    """``close`` cancels the running generation: its ``done`` comes before ``closed``."""
+    chat = (await client.open("s"))["chat"]
+    await client.start("s", "Write a long story", **LONG)
+    await client.wait_for(lambda f: f["type"] == "token")
+    closed = await client.request({"type": "close", "session": "s"})
+    assert closed == {"type": "closed", "session": "s", "id": closed["id"]}
+    kinds = [f["type"] for f in client.received if f.get("session") == "s"]
+    assert kinds.index("done") < kinds.index("closed")
+    done = next(f for f in client.received if f["type"] == "done")
+    assert done["reason"] == "cancelled"
+    await server.idle()
+    assert (await stored_messages(client, chat))[-1]["status"] == "cancelled"
+    again = await client.request({"type": "send", "session": "s", "text": "hi"})
+    assert again["code"] == "unknown_session"
+
+
+async def test_disconnect_cancels_and_keeps_the_partial_reply(server: ChatServer) -> None:
+    """A dropped connection cancels its generations; what was generated is stored."""
+    first = await Client.connect(ws_url(server))
+    await first.hello()
+    chat = (await first.open("s"))["chat"]
+    await first.start("s", "Write a long story", **LONG)
+    token = await first.wait_for(lambda f: f["type"] == "token")
+    await first.close()
+    await server.idle()
+    second = await Client.connect(ws_url(server))
+    await second.hello()
+    messages = await stored_messages(second, chat)
+    assert messages[-1]["status"] == "cancelled"
+    assert messages[-1]["text"].startswith(token["text"])
+    await second.close()
+
+
+async def test_send_while_generating_is_busy_and_leaves_it_running(client: Client) -> None:
+    """A second ``send`` gets ``busy``; the first generation completes untouched."""
+    await client.open("s")
+    started = await client.start("s", "Hello", **GREEDY, max_tokens=30)
+    busy = await client.request({"type": "send", "session": "s", "text": "again"})
+    assert busy["code"] == "busy"
+    assert busy["session"] == "s"
+    reply = await client.finish("s", started)
+    assert reply.done["reason"] in ("stop", "length")
+    assert_contiguous(reply)
+
+
+async def test_resume_after_reconnect_reuses_the_resident_cache(server: ChatServer) -> None:
+    """Reopening a chat on a new connection returns its history and the next turn hits the cache."""
+    first = await Client.connect(ws_url(server))
+    await first.hello()
+    chat = (await first.open("s", system="You are terse."))["chat"]
+    reply = await first.chat("s", "Hi there", **GREEDY, max_tokens=20)
+    await first.close()
+    await server.idle()
+
+    second = await Client.connect(ws_url(server))
+    await second.hello()
+    opened = await second.open("t", chat=chat)
+    assert [(m["role"], m["text"]) for m in opened["messages"]] == [
+        ("system", "You are terse."),
+        ("user", "Hi there"),
+        ("assistant", reply.text),
+    ]
+    nxt = await second.chat("t", "And then?", **GREEDY, max_tokens=10)
+    assert nxt.started["cached_tokens"] > 0
+    assert nxt.done["usage"]["cached_tokens"] == nxt.started["cached_tokens"]
+    await second.close()
+
+
+async def test_cold_restart_continues_exactly_like_a_cached_twin(start_service: ServiceFactory) -> None:
+    """After a restart, a chat re-prefilled from stored ids continues as its cached twin does."""
+    turns = ["Name three colours.", "Now three animals."]
+    async with start_service() as server:
+        c = await Client.connect(ws_url(server))
+        await c.hello()
+        twin = (await c.open("twin"))["chat"]
+        cold = (await c.open("cold"))["chat"]
+        for name in ("twin", "cold"):
+            await c.chat(name, turns[0], **GREEDY, max_tokens=24)
+        cached = await c.chat("twin", turns[1], **GREEDY, max_tokens=24)
+        assert cached.started["cached_tokens"] > 0
+        await c.close()
+    async with start_service() as server:
+        c = await Client.connect(ws_url(server))
+        await c.hello()
+        await c.open("cold", chat=cold)
+        recomputed = await c.chat("cold", turns[1], **GREEDY, max_tokens=24)
+        await c.close()
+    assert recomputed.started["cached_tokens"] == 0
+    assert recomputed.started["prompt_tokens"] == cached.started["prompt_tokens"]
+    assert recomputed.text == cached.text
+    assert recomputed.done["usage"]["completion_tokens"] == cached.done["usage"]["completion_tokens"]
+    assert twin != cold
+
+
+async def test_user_message_is_stored_before_generation_starts(client: Client, server: ChatServer) -> None:
+    """While a reply streams, history already holds the user message (and not the unfinished reply)."""
+    chat = (await client.open("s"))["chat"]
+    await client.start("s", "Remember me", **LONG)
+    await client.wait_for(lambda f: f["type"] == "token")
+    other = await Client.connect(ws_url(server))
+    await other.hello()
+    messages = await stored_messages(other, chat)
+    assert [(m["role"], m["text"]) for m in messages] == [("user", "Remember me")]
+    await other.close()
+    await client.send({"type": "stop", "session": "s"})
+    await client.wait_for(lambda f: f["type"] == "done")
+
+
+async def test_chats_history_and_delete(client: Client, server: ChatServer) -> None:
+    """``chats`` lists newest first; ``history`` pages; ``delete`` removes the chat for good."""
+    ids = []
+    for name in ("one", "two"):
+        ids.append((await client.open(name, title=f"chat {name}"))["chat"])
+        await client.chat(name, f"hello {name}", **GREEDY, max_tokens=5)
+    await server.idle()
+    listed = await client.request({"type": "chats"})
+    assert [c["chat"] for c in listed["chats"]][:2] == [ids[1], ids[0]]
+    assert listed["chats"][0]["title"] == "chat two"
+    assert listed["chats"][0]["messages"] == 2
+    page = await client.request({"type": "chats", "limit": 1, "before": ids[1]})
+    assert [c["chat"] for c in page["chats"]] == [ids[0]]
+    last = await client.request({"type": "history", "chat": ids[0], "limit": 1})
+    assert [m["role"] for m in last["messages"]] == ["assistant"]
+    deleted = await client.request({"type": "delete", "chat": ids[0]})
+    assert deleted["type"] == "deleted"
+    assert deleted["chat"] == ids[0]
+    gone = await client.request({"type": "history", "chat": ids[0]})
+    assert gone["code"] == "not_found"
+    again = await client.request({"type": "delete", "chat": ids[0]})
+    assert again["code"] == "not_found"
+
+
+async def test_models_and_ping(client: Client, server: ChatServer) -> None:
+    """``models`` lists the loaded default; ``ping`` gets ``pong`` with the id echoed."""
+    models = await client.request({"type": "models"})
+    assert models["models"] == [
+        {"id": server.models.default_id, "context_length": 256, "loaded": True, "default": True}
+    ]
+    pong = await client.request({"type": "ping"})
+    assert pong["type"] == "pong"
