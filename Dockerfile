@@ -30,8 +30,9 @@ COPY tui_client ./tui_client
 COPY sql ./sql
 COPY schema ./schema
 
+# Editable, so that the migrations in /app/sql stay beside the code that applies them (service/store).
 # The two ONNX Runtime packages write the same onnxruntime/ folder: remove one before adding the other.
-RUN pip install . \
+RUN pip install -e . \
     && if [ "${ONNXRUNTIME}" != "onnxruntime" ]; then \
         pip uninstall -y onnxruntime && pip install "${ONNXRUNTIME}"; \
     fi

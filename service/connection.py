@@ -344,7 +344,7 @@ class Connection:
         session = self._session(frame.session, frame.id)
         session.closing = True
         generation = session.generation
-        if generation is not None and generation.result is None:
+        if generation is not None and not generation.done.is_set():
             generation.cancel(CancelCause.CLOSE)
 
         async def finish() -> None:
@@ -359,8 +359,8 @@ class Connection:
     def _drop_sessions(self) -> None:
         grace = self.server.settings.server.disconnect_grace_s
         for session in self.sessions.values():
-            if session.generation is not None and session.generation.result is None:
-                session.generation.detach(grace)
+            if session.generating:
+                session.generation.detach(grace)  # type: ignore[union-attr]
             self.server.metrics.sessions.dec()
         self.sessions.clear()
 

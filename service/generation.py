@@ -63,8 +63,10 @@ class Generation:
         self._deltas: list[Delta] = []
         self._cancel_cause: CancelCause | None = None
         self._grace_timer: asyncio.TimerHandle | None = None
+        self._last_delta_at: float | None = None
+        self._finishing: asyncio.Task[None] | None = None
         self.done = asyncio.Event()
-        self.task = asyncio.create_task(self._pump(), name=f"generation-{message_id}")
+        stream.listen(self._on_event)
 
     @property
     def attached(self) -> bool:
@@ -95,29 +97,30 @@ class Generation:
                 sink.outbox.put_token(sink.session, delta)
         self._sink = sink
 
-    async def _pump(self) -> None:
-        last: float | None = None
-        try:
-            async for delta in self.stream:
-                now = time.perf_counter()
-                if last is None:
-                    self._metrics.ttft.observe(now - self._sent_at)
-                else:
-                    self._metrics.inter_token.observe(now - last)
-                last = now
-                self._deltas.append(delta)
-                if self._sink is not None:
-                    self._sink.outbox.put_token(self._sink.session, delta)
-            result = await self.stream.result()
-        except Exception as exc:  # never lose the reply to a bug in delivery
-            log.exception("generation %s failed", self.message_id)
-            self.stream.cancel()
-            result = await self.stream.result()
-            result.reason, result.error = FinishReason.ERROR, f"internal error: {exc}"
-        self.result = result
+    def _on_event(self, event: Delta | GenerationResult) -> None:
+        """Runs on the event loop for every delta, then once with the result."""
+        if isinstance(event, GenerationResult):
+            self.result = event
+            self._finishing = asyncio.create_task(self._finish(event), name=f"finish-{self.message_id}")
+            return
+        now = time.perf_counter()
+        if self._last_delta_at is None:
+            self._metrics.ttft.observe(now - self._sent_at)
+        else:
+            self._metrics.inter_token.observe(now - self._last_delta_at)
+        self._last_delta_at = now
+        self._deltas.append(event)
+        if self._sink is not None:
+            self._sink.outbox.put_token(self._sink.session, event)
+
+    async def _finish(self, result: GenerationResult) -> None:
+        """Store the reply (before ``done``, so a client that reads history after ``done``
+        finds it), then tell the session holding it, if any."""
         self._record(result)
         try:
             await self._on_finish(self, result)
+        except Exception:
+            log.exception("storing the reply %s failed", self.message_id)
         finally:
             if self._grace_timer is not None:
                 self._grace_timer.cancel()

@@ -99,6 +99,8 @@ class ChatServer:
             ping_interval=s.ping_interval_s,
             ping_timeout=s.ping_timeout_s,
             server_header=SERVER_NAME,
+            # Token frames are a few bytes: deflate costs more CPU per frame than it saves.
+            compression=None,
         ) as server:
             self._server = server
             try:

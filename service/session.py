@@ -44,7 +44,7 @@ class Session:
 
     @property
     def generating(self) -> bool:
-        return self.generation is not None and self.generation.result is None
+        return self.generation is not None and not self.generation.done.is_set()
 
 
 def conversation(stored: Sequence[StoredMessage]) -> tuple[list[ChatMessage], list[int]]:

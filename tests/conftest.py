@@ -16,6 +16,10 @@ import asyncpg
 import pytest
 
 from service.engine.models.default_model import fetch_default_gguf
+from service.engine.models.onnx_builder import Precision
+from service.engine.models.prepare import prepare_gguf
+from service.engine.models.registry import PreparedModel, describe_dir, parse_model_arg, resolve
+from tests.engine.tiny_model import write_tiny_gguf
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CACHE_DIR = REPO_ROOT / ".cache"
@@ -25,6 +29,21 @@ CACHE_DIR = REPO_ROOT / ".cache"
 def smollm2_gguf() -> Path:
     """Path of the default model's GGUF, downloaded into <repo>/.cache once per machine."""
     return fetch_default_gguf(CACHE_DIR)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: Path) -> PreparedModel:
+    """A 2-layer random Llama with the real SmolLM2 tokenizer, built as int8 by our builder."""
+    work = tmp_path_factory.mktemp("tiny")
+    gguf_path = write_tiny_gguf(work / "tiny.gguf", smollm2_gguf)
+    directory = prepare_gguf(gguf_path, work / "model", precision=Precision.INT8, progress=False)
+    return describe_dir("tiny", directory)
+
+
+@pytest.fixture(scope="session")
+def default_model() -> PreparedModel:
+    """The real default model (SmolLM2-135M-Instruct, int8), prepared once per machine."""
+    return resolve(parse_model_arg("default"), CACHE_DIR, precision=Precision.INT8, progress=False)
 
 
 # --- PostgreSQL ------------------------------------------------------------------------------------

@@ -103,7 +103,9 @@ class _Reader:
             raise self.fail("'resume' must be an object")
         inner = _Reader(value, self.id, self.session)
         index = inner.count("index", minimum=0)
-        return frames.Resume(message=inner.required_text("message", max_chars=MAX_ID_CHARS), index=index or 0)
+        if index is None:
+            raise self.fail("missing field 'resume.index'")
+        return frames.Resume(message=inner.name("message"), index=index)
 
 
 def _number(params: dict[str, Any], name: str, reader: _Reader) -> float | None:
@@ -157,7 +159,7 @@ def _open(r: _Reader) -> frames.Open:
     return frames.Open(
         id=r.id,
         session=r.name("session"),
-        chat=r.text("chat", max_chars=MAX_ID_CHARS),
+        chat=r.name("chat") if r.obj.get("chat") is not None else None,
         model=r.text("model", max_chars=1024),
         system=r.text("system"),
         title=r.text("title", max_chars=MAX_TITLE_CHARS),

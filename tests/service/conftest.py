@@ -14,7 +14,6 @@ from service.app import running_service
 from service.config import EngineSettings, ServerSettings, ServiceSettings
 from service.engine.models.registry import PreparedModel
 from service.server import ChatServer
-from tests.engine.conftest import tiny_model  # noqa: F401  (a session fixture shared with the engine tests)
 from tests.protocol.schema_check import validate_server_frame
 from tests.service.client import Client
 
@@ -26,7 +25,7 @@ def ws_url(server: ChatServer) -> str:
 
 
 @pytest.fixture
-def service_settings(database_url: str, tiny_model: PreparedModel, tmp_path: Path) -> ServiceSettings:  # noqa: F811
+def service_settings(database_url: str, tiny_model: PreparedModel, tmp_path: Path) -> ServiceSettings:
     return ServiceSettings(
         server=ServerSettings(port=0, ping_interval_s=None),
         engine=EngineSettings(threads=2, kv_slots=16, max_context=256),

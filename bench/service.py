@@ -1,0 +1,311 @@
+"""Service benchmark: what a WebSocket client sees, against the engine alone, in one run.
+
+    .venv/bin/python bench/service.py [--data-dir DIR] [--database-url URL] [--threads 2]
+                                      [--tokens 128] [--rounds 3] [--stops 40]
+                                      [--out bench/results/service.json]
+
+Starts the real service in this process (the default model, a PostgreSQL: ``--database-url``
+or an embedded one in a temporary folder) and measures, alternating WebSocket and engine
+runs so that a noisy machine hurts both alike:
+
+* the decode rate of one session as its client sees it (first to last token frame) and of
+  the same generation submitted to the server's engine directly (first to last delta);
+* aggregate throughput of 8 sessions on one connection;
+* stop latency: from sending ``stop`` to receiving ``done``.
+
+Prints a table with the targets and writes everything as JSON (see bench/README.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import orjson
+from websockets.asyncio.client import ClientConnection, connect
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # run as a script: python bench/service.py
+    sys.path.insert(0, str(REPO_ROOT))
+
+from bench.common import (  # noqa: E402
+    RESULTS_DIR,
+    fmt,
+    format_table,
+    machine_info,
+    median,
+    onnxruntime_version,
+    peak_rss_mb,
+    ratio,
+    timestamp,
+    write_json,
+)
+from bench.engine import LONG_REQUEST, SYSTEM, greedy  # noqa: E402
+from service.app import running_service  # noqa: E402
+from service.config import EngineSettings, ServerSettings, ServiceSettings  # noqa: E402
+from service.engine.engine import Engine  # noqa: E402
+from service.engine.models.onnx_builder import Precision  # noqa: E402
+from service.engine.models.registry import parse_model_arg, resolve  # noqa: E402
+from service.engine.tokenizer import ChatMessage  # noqa: E402
+from service.engine.types import ChatKey  # noqa: E402
+from service.server import ChatServer  # noqa: E402
+
+TARGET_WS_VS_ENGINE = 0.97
+SESSIONS = 8
+STOP_AFTER_TOKENS = 3
+
+
+def rate(stamps: list[tuple[float, int]]) -> float | None:
+    """Tokens after the first frame / time from the first frame to the last."""
+    if len(stamps) < 2 or stamps[-1][0] <= stamps[0][0]:
+        return None
+    return sum(n for _, n in stamps[1:]) / (stamps[-1][0] - stamps[0][0])
+
+
+class BenchClient:
+    """A bare chat.v1 client: frames of all sessions go to per-session queues."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+        self.queues: dict[str, asyncio.Queue[tuple[float, dict[str, Any]]]] = {}
+        self._reader = asyncio.create_task(self._read())
+
+    @classmethod
+    async def open(cls, url: str, sessions: int) -> BenchClient:
+        client = cls(await connect(url, subprotocols=["chat.v1"], max_size=None))  # type: ignore[list-item]
+        await client.send({"type": "hello"})
+        await client.frame("")
+        for i in range(sessions):
+            await client.send({"type": "open", "session": f"s{i}", "system": SYSTEM})
+            await client.frame(f"s{i}")
+        return client
+
+    async def _read(self) -> None:
+        async for raw in self.ws:
+            at = time.perf_counter()
+            frame = orjson.loads(raw)
+            self.queues.setdefault(frame.get("session", ""), asyncio.Queue()).put_nowait((at, frame))
+
+    async def send(self, frame: dict[str, Any]) -> None:
+        await self.ws.send(orjson.dumps(frame).decode())
+
+    async def frame(self, session: str) -> tuple[float, dict[str, Any]]:
+        at, frame = await self.queues.setdefault(session, asyncio.Queue()).get()
+        if frame["type"] == "error":
+            raise RuntimeError(f"server error: {frame}")
+        return at, frame
+
+    async def generate(self, session: str, max_tokens: int) -> tuple[list[tuple[float, int]], dict[str, Any]]:
+        """One greedy reply: (arrival, tokens) per token frame, and the ``done`` frame."""
+        params = {"temperature": 0, "max_tokens": max_tokens}
+        await self.send({"type": "send", "session": session, "text": LONG_REQUEST, "params": params})
+        stamps: list[tuple[float, int]] = []
+        while True:
+            at, frame = await self.frame(session)
+            if frame["type"] == "token":
+                stamps.append((at, frame.get("tokens", 1)))
+            elif frame["type"] == "done":
+                return stamps, frame
+
+    async def stop_latency_ms(self, session: str) -> float:
+        params = {"temperature": 0, "max_tokens": 1000}
+        await self.send({"type": "send", "session": session, "text": LONG_REQUEST, "params": params})
+        tokens = 0
+        while tokens < STOP_AFTER_TOKENS:
+            _, frame = await self.frame(session)
+            tokens += frame["type"] == "token"
+        sent = time.perf_counter()
+        await self.send({"type": "stop", "session": session})
+        while True:
+            at, frame = await self.frame(session)
+            if frame["type"] == "done":
+                assert frame["reason"] == "cancelled", frame
+                return (at - sent) * 1000
+
+    async def reopen(self, sessions: list[str]) -> None:
+        """Close and open each session again, under a new chat."""
+        for session in sessions:
+            await self.send({"type": "close", "session": session})
+            await self.frame(session)
+            await self.send({"type": "open", "session": session, "system": SYSTEM})
+            await self.frame(session)
+
+    async def close(self) -> None:
+        await self.ws.close()
+        await self._reader
+
+
+async def engine_rate(engine: Engine, chat: str, max_tokens: int) -> tuple[float | None, int]:
+    messages = [ChatMessage(role="system", content=SYSTEM), ChatMessage(role="user", content=LONG_REQUEST)]
+    stream = engine.submit(ChatKey(chat), engine.tokenizer.prompt_ids(messages), greedy(max_tokens))
+    stamps = [(time.perf_counter(), delta.tokens) async for delta in stream]
+    result = await stream.result()
+    await engine.wait_idle()
+    return rate(stamps), result.completion_tokens
+
+
+async def measure(server: ChatServer, args: argparse.Namespace) -> dict[str, Any]:
+    url = f"ws://127.0.0.1:{server.port}/ws"
+    engine = await server.models.engine(server.models.default_id)
+    raw: dict[str, list[Any]] = {"ws": [], "engine": [], "aggregate": [], "stop_ms": []}
+    client = await BenchClient.open(url, SESSIONS)
+    sessions = [f"s{i}" for i in range(SESSIONS)]
+    try:
+        await client.generate("s0", 8)  # warm up: first runs pay for allocation
+        for round_ in range(args.rounds):
+            # Fresh sessions every round: each generation prefills the same uncached prompt.
+            await client.reopen(sessions)
+            stamps, done = await client.generate("s0", args.tokens)
+            await engine.wait_idle()
+            raw["ws"].append({"tok_s": rate(stamps), "tokens": done["usage"]["completion_tokens"]})
+            tok_s, tokens = await engine_rate(engine, f"bench-{round_}", args.tokens)
+            raw["engine"].append({"tok_s": tok_s, "tokens": tokens})
+            await client.reopen(sessions)
+            start = time.perf_counter()
+            replies = await asyncio.gather(*(client.generate(s, args.tokens) for s in sessions))
+            end = time.perf_counter()
+            await engine.wait_idle()
+            total = sum(done["usage"]["completion_tokens"] for _, done in replies)
+            raw["aggregate"].append({"tok_s": total / (end - start), "tokens": total})
+            if args.verbose:
+                print(
+                    f"round {round_}: ws {raw['ws'][-1]} engine {raw['engine'][-1]} 8x {raw['aggregate'][-1]}"
+                )
+        for _ in range(args.stops):
+            await client.reopen(["s0"])
+            raw["stop_ms"].append(await client.stop_latency_ms("s0"))
+            await engine.wait_idle()
+    finally:
+        await client.close()
+    stops = sorted(raw["stop_ms"])
+    ws = median(r["tok_s"] for r in raw["ws"] if r["tok_s"])
+    alone = median(r["tok_s"] for r in raw["engine"] if r["tok_s"])
+    return {
+        "ws_decode_tok_s": ws,
+        "engine_decode_tok_s": alone,
+        "ws_vs_engine": ratio(ws, alone),
+        f"ws_aggregate_tok_s_{SESSIONS}": median(r["tok_s"] for r in raw["aggregate"]),
+        "stop_latency_ms_p50": median(stops),
+        "stop_latency_ms_p99": percentile(stops, 0.99),
+        "raw": raw,
+        "engine_stats": asdict(engine.stats),
+    }
+
+
+def percentile(sorted_values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile."""
+    if not sorted_values:
+        return None
+    return sorted_values[min(len(sorted_values) - 1, math.ceil(q * len(sorted_values)) - 1)]
+
+
+async def bench(args: argparse.Namespace) -> dict[str, Any]:
+    began = time.perf_counter()
+    model = resolve(
+        parse_model_arg("default"), args.data_dir, precision=Precision(args.precision), progress=True
+    )
+    with tempfile.TemporaryDirectory(prefix="localchat-bench-") as scratch:
+        settings = ServiceSettings(
+            server=ServerSettings(port=0),
+            engine=EngineSettings(threads=args.threads),
+            data_dir=Path(scratch),  # the embedded database, when no URL is given
+            database_url=args.database_url,
+            models=(str(model.directory),),
+        )
+        async with running_service(settings) as server:
+            data = await measure(server, args)
+    data.update(
+        {
+            "targets": {
+                "ws_decode_vs_engine": {
+                    "target": TARGET_WS_VS_ENGINE,
+                    "met": None
+                    if data["ws_vs_engine"] is None
+                    else data["ws_vs_engine"] >= TARGET_WS_VS_ENGINE,
+                }
+            },
+            "model": model.id,
+            "precision": args.precision,
+            "threads": args.threads,
+            "max_tokens": args.tokens,
+            "rounds": args.rounds,
+            "database": "url" if args.database_url else "embedded",
+            "machine": machine_info(),
+            "onnxruntime_version": onnxruntime_version(),
+            "peak_rss_mb": peak_rss_mb(),
+            "bench_seconds": time.perf_counter() - began,
+            "timestamp": timestamp(),
+        }
+    )
+    return data
+
+
+def table(data: dict[str, Any]) -> str:
+    met = data["targets"]["ws_decode_vs_engine"]["met"]
+    rows = [
+        ["ws_decode_tok_s", fmt(data["ws_decode_tok_s"]), "", ""],
+        ["engine_decode_tok_s", fmt(data["engine_decode_tok_s"]), "", ""],
+        [
+            "ws_vs_engine",
+            fmt(data["ws_vs_engine"], 3),
+            f">= {TARGET_WS_VS_ENGINE}",
+            {True: "yes", False: "NO"}.get(met, "-"),
+        ],
+        [f"ws_aggregate_tok_s_{SESSIONS}", fmt(data[f"ws_aggregate_tok_s_{SESSIONS}"]), "", ""],
+        ["stop_latency_ms_p50", fmt(data["stop_latency_ms_p50"]), "", ""],
+        ["stop_latency_ms_p99", fmt(data["stop_latency_ms_p99"]), "", ""],
+    ]
+    machine = data["machine"]
+    head = (
+        f"service benchmark: {data['model']} ({data['precision']}), {data['threads']} threads, "
+        f"{data['max_tokens']} tokens, median of {data['rounds']}, database {data['database']}\n"
+        f"{machine['cpu_model']} ({machine['usable_cores']} cores, load {machine['load_avg_1m']:.2f}); "
+        f"onnxruntime {data['onnxruntime_version']}; peak RSS {data['peak_rss_mb']:.0f} MiB; "
+        f"{data['bench_seconds']:.0f} s"
+    )
+    return head + "\n\n" + format_table(["metric", "value", "target", "met"], rows)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=REPO_ROOT / ".cache",
+        help="where the model is cached (default: <repo>/.cache)",
+    )
+    parser.add_argument(
+        "--database-url", default=None, help="PostgreSQL (default: embedded, in a temporary folder)"
+    )
+    parser.add_argument("--precision", choices=[p.value for p in Precision], default=Precision.INT8.value)
+    parser.add_argument("--threads", type=int, default=2, help="decoder threads (default 2)")
+    parser.add_argument("--tokens", type=int, default=128, help="max tokens per generation (default 128)")
+    parser.add_argument("--rounds", type=int, default=3, help="repetitions; medians are reported (default 3)")
+    parser.add_argument("--stops", type=int, default=40, help="stop-latency trials (default 40)")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "service.json", help="JSON output file")
+    parser.add_argument("-v", "--verbose", action="store_true", help="print every round as it ends")
+    args = parser.parse_args(argv)
+    if args.threads < 1 or args.tokens < 2 or args.rounds < 1 or args.stops < 0:
+        parser.error("--threads >= 1, --tokens >= 2, --rounds >= 1, --stops >= 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    data = asyncio.run(bench(args))
+    print(table(data))
+    print(f"\nwrote {write_json(args.out, data)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
