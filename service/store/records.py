@@ -55,6 +55,17 @@ class User:
 
 
 @dataclass(frozen=True, slots=True)
+class UserRecord:
+    """One row of ``users list``: a user's account, never its token."""
+
+    id: UUID
+    name: str
+    created_at: datetime
+    revoked_at: datetime | None
+    has_token: bool  # False for the local user of --auth none (and a user never given a token)
+
+
+@dataclass(frozen=True, slots=True)
 class Chat:
     id: UUID
     user_id: UUID
