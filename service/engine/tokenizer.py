@@ -8,6 +8,9 @@ optionally ``generation_config.json`` / ``config.json``), as written by
 from __future__ import annotations
 
 import json
+import logging
+import re
+import secrets
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, NoReturn, TypedDict
 
@@ -24,9 +27,24 @@ if TYPE_CHECKING:
     from jinja2 import Template
 
 
+log = logging.getLogger(__name__)
+
+
 class ChatMessage(TypedDict):
     role: str
     content: str
+
+
+def _without_prefix(pieces: Sequence[tuple[str, bool]], chars: int) -> list[tuple[str, bool]]:
+    """``pieces`` less their first ``chars`` characters."""
+    out = []
+    for text, is_content in pieces:
+        if chars >= len(text):
+            chars -= len(text)
+            continue
+        out.append((text[chars:], is_content))
+        chars = 0
+    return out
 
 
 def _raise_exception(message: str) -> NoReturn:
@@ -114,6 +132,9 @@ class ChatTokenizer:
         self.bos_token = bos_token
         self.eos_token = eos_token
         self._template = None if chat_template is None else compile_chat_template(chat_template)
+        # Encodes message contents: special-token strings in them are plain text.
+        self._literal = Tokenizer.from_str(tokenizer.to_str())
+        self._literal.encode_special_tokens = True
 
     @classmethod
     def from_dir(cls, model_dir: Path) -> ChatTokenizer:
@@ -158,7 +179,7 @@ class ChatTokenizer:
         )
 
     def prompt_ids(self, messages: Sequence[ChatMessage]) -> list[int]:
-        return self.encode(self.render(messages, add_generation_prompt=True))
+        return self._encode_pieces(self._render_pieces(messages))
 
     def next_turn_ids(self, prior_ids: Sequence[int], messages: Sequence[ChatMessage]) -> list[int]:
         """Prompt ids for the whole conversation, keeping ``prior_ids`` as their prefix if possible.
@@ -167,11 +188,46 @@ class ChatTokenizer:
         generated ids); re-tokenizing the rendered text could split it differently, so only the
         text after what they decode to is encoded.
         """
-        full = self.render(messages, add_generation_prompt=True)
+        pieces = self._render_pieces(messages)
         consumed = self.decode(prior_ids)
-        if full.startswith(consumed):
-            return [*prior_ids, *self.encode(full[len(consumed) :])]
-        return self.encode(full)
+        if "".join(text for text, _ in pieces).startswith(consumed):
+            return [*prior_ids, *self._encode_pieces(_without_prefix(pieces, len(consumed)))]
+        return self._encode_pieces(pieces)
+
+    def _render_pieces(self, messages: Sequence[ChatMessage]) -> list[tuple[str, bool]]:
+        """The rendered prompt as (text, is_message_content) pieces.
+
+        Message contents are what users (and the model) wrote: a ``<|im_start|>`` typed in
+        them must stay text, never become a control token that forges a turn. So the template
+        is rendered with a unique marker in place of each content, and the contents are later
+        encoded with special tokens off. A template that drops or repeats a content (the
+        markers do not come back exactly once each) is rendered plainly instead.
+        """
+        nonce = secrets.token_hex(8)
+        markers = [f"\x00{nonce}:{i}\x00" for i in range(len(messages))]
+        marked = [
+            ChatMessage(role=m["role"], content=marker) for m, marker in zip(messages, markers, strict=True)
+        ]
+        rendered = self.render(marked, add_generation_prompt=True)
+        pieces = re.split(f"\x00{nonce}:(\\d+)\x00", rendered)
+        contents = [int(i) for i in pieces[1::2]]
+        if sorted(contents) != list(range(len(messages))):
+            log.warning(
+                "the chat template does not place each message once; special tokens in them stay live"
+            )
+            return [(self.render(messages, add_generation_prompt=True), False)]
+        out: list[tuple[str, bool]] = []
+        for i, text in enumerate(pieces):
+            out.append((messages[int(text)]["content"], True) if i % 2 else (text, False))
+        return out
+
+    def _encode_pieces(self, pieces: Sequence[tuple[str, bool]]) -> list[int]:
+        ids: list[int] = []
+        for text, is_content in pieces:
+            if text:
+                encoder = self._literal if is_content else self.tokenizer
+                ids += encoder.encode(text, add_special_tokens=False).ids
+        return ids
 
     def detokenizer(self) -> IncrementalDetokenizer:
         return IncrementalDetokenizer(self.tokenizer)
