@@ -26,7 +26,13 @@ class CancelCause(StrEnum):
 
 
 class Metrics:
-    def __init__(self, *, queue_depth: Callable[[], float], running: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        *,
+        queue_depth: Callable[[], float],
+        running: Callable[[], float],
+        pending_writes: Callable[[], float] = lambda: 0,
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.ttft = Histogram(
@@ -68,6 +74,9 @@ class Metrics:
         Gauge("localchat_running_generations", "Generations prefilling or decoding", registry=r).set_function(
             running
         )
+        Gauge(
+            "localchat_pending_writes", "Writes kept in memory until the database is back", registry=r
+        ).set_function(pending_writes)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
