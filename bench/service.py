@@ -4,12 +4,14 @@
                                       [--tokens 128] [--rounds 3] [--stops 40]
                                       [--out bench/results/service.json]
 
-Starts the real service in this process (the default model, a PostgreSQL: ``--database-url``
-or an embedded one in a temporary folder) and measures, alternating WebSocket and engine
-runs so that a noisy machine hurts both alike:
+Starts the real service as its own process (``python -m service`` on the default model, with
+``--database-url`` or an embedded PostgreSQL in a temporary folder), loads the same model
+into an engine in this process, and measures, alternating WebSocket and engine runs so that
+a noisy machine hurts both alike:
 
-* the decode rate of one session as its client sees it (first to last token frame) and of
-  the same generation submitted to the server's engine directly (first to last delta);
+* the decode rate of one session as its WebSocket client sees it (first to last token
+  frame) and of the same generation on the engine alone, with the same settings (first to
+  last delta);
 * aggregate throughput of 8 sessions on one connection;
 * stop latency: from sending ``stop`` to receiving ``done``.
 
@@ -21,9 +23,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
+import os
+import re
+import signal
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -48,14 +55,13 @@ from bench.common import (  # noqa: E402
     write_json,
 )
 from bench.engine import LONG_REQUEST, SYSTEM, greedy  # noqa: E402
-from service.app import running_service  # noqa: E402
-from service.config import EngineSettings, ServerSettings, ServiceSettings  # noqa: E402
+from service.config import EngineSettings  # noqa: E402
 from service.engine.engine import Engine  # noqa: E402
+from service.engine.loader import load_engine  # noqa: E402
 from service.engine.models.onnx_builder import Precision  # noqa: E402
 from service.engine.models.registry import parse_model_arg, resolve  # noqa: E402
 from service.engine.tokenizer import ChatMessage  # noqa: E402
 from service.engine.types import ChatKey  # noqa: E402
-from service.server import ChatServer  # noqa: E402
 
 TARGET_WS_VS_ENGINE = 0.97
 SESSIONS = 8
@@ -151,9 +157,7 @@ async def engine_rate(engine: Engine, chat: str, max_tokens: int) -> tuple[float
     return rate(stamps), result.completion_tokens
 
 
-async def measure(server: ChatServer, args: argparse.Namespace) -> dict[str, Any]:
-    url = f"ws://127.0.0.1:{server.port}/ws"
-    engine = await server.models.engine(server.models.default_id)
+async def measure(url: str, engine: Engine, args: argparse.Namespace) -> dict[str, Any]:
     raw: dict[str, list[Any]] = {"ws": [], "engine": [], "aggregate": [], "stop_ms": []}
     client = await BenchClient.open(url, SESSIONS)
     sessions = [f"s{i}" for i in range(SESSIONS)]
@@ -206,21 +210,47 @@ def percentile(sorted_values: list[float], q: float) -> float | None:
     return sorted_values[min(len(sorted_values) - 1, math.ceil(q * len(sorted_values)) - 1)]
 
 
+@asynccontextmanager
+async def service_process(model_dir: Path, scratch: Path, args: argparse.Namespace) -> AsyncIterator[str]:
+    """``python -m service`` in its own process, as users run it; yields its WebSocket URL."""
+    command = [sys.executable, "-m", "service", "--port", "0", "--threads", str(args.threads)]
+    command += ["--model", str(model_dir), "--data-dir", str(scratch)]
+    if args.database_url:
+        command += ["--database-url", args.database_url]
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    process = await asyncio.create_subprocess_exec(
+        *command, "--log-level", "INFO", stderr=asyncio.subprocess.PIPE, env=env
+    )
+    assert process.stderr is not None
+    log: list[bytes] = []
+    try:
+        while not (match := re.search(rb"listening on http://[\d.]+:(\d+)/", log[-1] if log else b"")):
+            line = await asyncio.wait_for(process.stderr.readline(), 600)
+            if not line:
+                raise RuntimeError("the service exited:\n" + b"".join(log).decode(errors="replace"))
+            log.append(line)
+        drain = asyncio.create_task(process.stderr.read())
+        yield f"ws://127.0.0.1:{int(match.group(1))}/ws"
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+            await process.wait()
+    await drain
+
+
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
     began = time.perf_counter()
     model = resolve(
         parse_model_arg("default"), args.data_dir, precision=Precision(args.precision), progress=True
     )
-    with tempfile.TemporaryDirectory(prefix="localchat-bench-") as scratch:
-        settings = ServiceSettings(
-            server=ServerSettings(port=0),
-            engine=EngineSettings(threads=args.threads),
-            data_dir=Path(scratch),  # the embedded database, when no URL is given
-            database_url=args.database_url,
-            models=(str(model.directory),),
-        )
-        async with running_service(settings) as server:
-            data = await measure(server, args)
+    engine = load_engine(model, EngineSettings(threads=args.threads))
+    await engine.start()
+    try:
+        with tempfile.TemporaryDirectory(prefix="localchat-bench-") as scratch:
+            async with service_process(model.directory, Path(scratch), args) as url:
+                data = await measure(url, engine, args)
+    finally:
+        await engine.close()
     data.update(
         {
             "targets": {

@@ -1,7 +1,8 @@
 """``python -m service``: the chat service (WebSocket ``/ws``, the page, health and metrics).
 
-The engine's terminal demo is ``python -m service.engine.demo``; model preparation alone
-is ``python -m service.engine.models prepare``.
+``python -m service users add|list|revoke`` manages the users of ``--auth token``
+(:mod:`service.users_cli`). The engine's terminal demo is ``python -m service.engine.demo``;
+model preparation alone is ``python -m service.engine.models prepare``.
 """
 
 from __future__ import annotations
@@ -12,12 +13,23 @@ import logging
 import os
 import sys
 
+from service import users_cli
 from service.app import run
 from service.cli import add_engine_arguments, data_dir, engine_settings
 from service.config import ServerSettings, ServiceSettings
 from service.errors import ServiceError
 
 _DEFAULTS = ServerSettings()
+# (flag, ServerSettings field, type, unit) of the limits a server operator may want to change.
+_LIMITS = (
+    ("--max-connections", "max_connections", int, "N"),
+    ("--max-sessions", "max_sessions", int, "N"),
+    ("--max-frame-bytes", "max_frame_bytes", int, "BYTES"),
+    ("--max-tokens", "max_tokens", int, "N"),
+    ("--hello-timeout", "hello_timeout_s", float, "SECONDS"),
+    ("--send-timeout", "send_timeout_s", float, "SECONDS"),
+    ("--shutdown-grace", "shutdown_grace_s", float, "SECONDS"),
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -38,6 +50,25 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="keep a dropped connection's generations running this long, for `open` with `resume`",
     )
+    net.add_argument(
+        "--allowed-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="also accept browser pages from this origin, e.g. https://chat.example (repeatable)",
+    )
+    net.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also answer to this Host name (IP literals, localhost and --host always work; repeatable)",
+    )
+    limits = parser.add_argument_group("limits")
+    for flag, field, kind, unit in _LIMITS:
+        limits.add_argument(
+            flag, type=kind, default=getattr(_DEFAULTS, field), metavar=unit, help="(default: %(default)s)"
+        )
     parser.add_argument(
         "--database-url",
         default=os.environ.get("DATABASE_URL") or None,
@@ -45,6 +76,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     add_engine_arguments(parser, several_models=True)
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    # No subcommand: the server. `users ...`: manage the accounts of --auth token.
+    users_cli.add_users_command(parser.add_subparsers(dest="command", metavar="COMMAND"))
     return parser
 
 
@@ -53,9 +86,19 @@ def settings_from_args(args: argparse.Namespace) -> ServiceSettings:
         raise SystemExit("--port must be in 0..65535")
     if args.disconnect_grace < 0:
         raise SystemExit("--disconnect-grace must be >= 0")
+    limits = {field: getattr(args, flag[2:].replace("-", "_")) for flag, field, _, _ in _LIMITS}
+    for flag, field, _, _ in _LIMITS:
+        if limits[field] < 0 or (limits[field] == 0 and not field.endswith("_s")):
+            raise SystemExit(f"{flag} must be positive")
     return ServiceSettings(
         server=ServerSettings(
-            host=args.host, port=args.port, auth=args.auth, disconnect_grace_s=args.disconnect_grace
+            host=args.host,
+            port=args.port,
+            auth=args.auth,
+            disconnect_grace_s=args.disconnect_grace,
+            allowed_origins=tuple(args.allowed_origin),
+            allowed_hosts=tuple(args.allowed_host),
+            **limits,
         ),
         engine=engine_settings(args),
         data_dir=data_dir(args),
@@ -67,6 +110,9 @@ def settings_from_args(args: argparse.Namespace) -> ServiceSettings:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "users":
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        return users_cli.main(args)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("websockets").setLevel(logging.WARNING)
     try:

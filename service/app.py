@@ -2,7 +2,8 @@
 
 Start-up order: the database (the embedded one when no URL is given), migrations, the
 ``interrupted`` sweep, the models (the default one loaded), then the port. SIGINT and
-SIGTERM end :func:`run`: running generations are cancelled and stored, the port closes,
+SIGTERM end :func:`run`: the port stops accepting, running generations get a grace period
+to finish, then the rest are cancelled and stored, connections close,
 the engines stop and the embedded PostgreSQL is shut down (never orphaned).
 """
 
@@ -18,6 +19,7 @@ from service.config import ServiceSettings
 from service.engine.models.onnx_builder import Precision
 from service.model_pool import ModelPool
 from service.server import ChatServer
+from service.store.durable import DurableStore
 from service.store.embedded import EmbeddedPostgres
 from service.store.store import Store
 
@@ -33,7 +35,8 @@ async def database(settings: ServiceSettings) -> AsyncIterator[tuple[Store, str]
         embedded = await asyncio.to_thread(EmbeddedPostgres.start, settings.data_dir)
         url = embedded.dsn
     try:
-        store = await Store.open(url)
+        # Durable: while the database is away, a turn's writes wait in memory (service.store.durable).
+        store = await DurableStore.open(url)
         try:
             where = f"embedded PostgreSQL in {embedded.pgdata}" if embedded else _redacted(url)
             yield store, where
@@ -84,7 +87,8 @@ async def run(settings: ServiceSettings) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    async with running_service(settings):
+    async with running_service(settings) as server:
         await stop.wait()
         log.info("shutting down")
+        await server.drain()
     log.info("stopped")

@@ -31,8 +31,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, several: bool = Fals
         "--data-dir",
         type=Path,
         default=None,
-        help="prepared models live here (default: $LOCALCHAT_DATA_DIR, $XDG_DATA_HOME/localchat "
-        "or ~/.local/share/localchat)",
+        help="prepared models (and the embedded database) live here (default: $LOCALCHAT_DATA_DIR, "
+        "$XDG_DATA_HOME/localchat, ~/.local/share/localchat, or /var/lib/localchat for root)",
     )
     return group
 

@@ -50,6 +50,11 @@ class ServerSettings:
     default_max_tokens: int = 256
     ping_interval_s: float | None = 20.0  # websockets' keepalive pings
     ping_timeout_s: float | None = 20.0
+    send_timeout_s: float = 30.0  # a client that reads nothing this long is dropped
+    max_queued_frames: int = 1024  # replies a client may leave unread before it is dropped
+    shutdown_grace_s: float = 10.0  # on SIGTERM, running generations may finish this long
+    allowed_origins: tuple[str, ...] = ()  # browser origins besides the service's own
+    allowed_hosts: tuple[str, ...] = ()  # Host names besides localhost, the --host and this machine's
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -19,7 +19,7 @@ from websockets.exceptions import ConnectionClosed
 from service.engine.engine import Engine
 from service.engine.tokenizer import ChatMessage
 from service.engine.types import SamplingParams
-from service.errors import ContextOverflow, ModelError, QueueFull
+from service.errors import ContextOverflow, ModelError, QueueFull, StoreUnavailable, WriteBacklogFull
 from service.generation import Generation, Sink
 from service.metrics import CancelCause
 from service.outbox import Outbox, OutboxClosed
@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+_CLOSE_DRAIN_S = 1.0  # how long a close waits for the frames queued before it (the error explaining it)
+
 
 class _Closed(Exception):
     """The reader decided to close the connection."""
@@ -42,13 +44,14 @@ class Connection:
     def __init__(self, server: ChatServer, ws: ServerConnection) -> None:
         self.server = server
         self.ws = ws
-        self.outbox = Outbox()
+        self.outbox = Outbox(server.settings.server.max_queued_frames)
         self.user: User | None = None
         self.sessions: dict[str, Session] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._writer: asyncio.Task[None] | None = None
 
     async def run(self) -> None:
-        writer = asyncio.create_task(self._write(), name="connection-writer")
+        writer = self._writer = asyncio.create_task(self._write(), name="connection-writer")
         try:
             await self._read()
         finally:
@@ -67,12 +70,20 @@ class Connection:
         task.add_done_callback(self._tasks.discard)
 
     async def _write(self) -> None:
+        """Send the outbox in order. A send blocks while the client is not reading (the
+        outbox coalesces token text meanwhile); one blocked past ``send_timeout_s`` drops
+        the connection, which cancels its generations and stores their replies."""
+        timeout_s = self.server.settings.server.send_timeout_s
         try:
             while True:
                 frame = await self.outbox.get()
                 if self.server.frame_observer is not None:
                     self.server.frame_observer(frame)
-                await self.ws.send(codec.encode(frame), text=True)
+                async with asyncio.timeout(timeout_s):
+                    await self.ws.send(codec.encode(frame), text=True)
+        except TimeoutError:
+            log.warning("dropping a connection that read nothing for %.0f s", timeout_s)
+            self.ws.transport.abort()
         except (OutboxClosed, ConnectionClosed):
             pass
 
@@ -90,11 +101,18 @@ class Connection:
                 await self._handle(message)
             async for message in self.ws:
                 await self._handle(message)
+                if self.outbox.overflowed:
+                    await self._close(CloseCode.POLICY_VIOLATION, "too many unread frames")
+                    return
         except (ConnectionClosed, _Closed):
             return
 
     async def _close(self, code: CloseCode, reason: str) -> None:
         self.outbox.close()
+        # The frames queued before the close (`error unauthenticated` before 4401, say) leave
+        # first; a client that reads nothing gets the close all the same, a moment later.
+        if self._writer is not None:
+            await asyncio.wait({self._writer}, timeout=_CLOSE_DRAIN_S)
         await self.ws.close(code, reason)
 
     # ---- frames --------------------------------------------------------------------------
@@ -112,6 +130,16 @@ class Connection:
             if exc.close is not None:
                 await self._close(exc.close, exc.message)
                 raise _Closed from None
+        except StoreUnavailable as exc:
+            # The database is away, or writes still wait for it (service.store.durable): the
+            # client may try again; too many waiting writes is a full queue.
+            log.info("%s refused: %s", type(frame).__name__, exc)
+            if isinstance(exc, WriteBacklogFull):
+                code, text = ErrorCode.OVERLOADED, str(exc)
+            else:  # the details (addresses, drivers' errors) stay in the log and /readyz
+                code, text = ErrorCode.INTERNAL, "the database is unavailable; try again shortly"
+            session = getattr(frame, "session", None)
+            self.outbox.put(frames.error(code, text, id=frame.id, session=session))
         except (ConnectionClosed, _Closed):
             raise
         except Exception:
@@ -284,6 +312,10 @@ class Connection:
                 f"the conversation ({len(prompt)} tokens) does not fit the context of {engine.max_len}",
                 id=frame.id,
                 session=session.name,
+            )
+        if self.server.draining:
+            raise ProtocolError(
+                ErrorCode.OVERLOADED, "the server is shutting down", id=frame.id, session=session.name
             )
         if engine.stats.waiting >= engine.settings.max_waiting:
             raise ProtocolError(

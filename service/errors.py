@@ -5,7 +5,10 @@
  ├── ``EngineError``       the decoder failed while running a generation
  │    └── ``ContextOverflow`` a prompt does not fit the model's context
  ├── ``QueueFull``         the engine's waiting queue is at its bound
+ ├── ``UserExists``        ``users add``: a user of that name already holds a live token
  └── ``StoreError``        the history database is unreachable, or refuses or fails a query
+      └── ``StoreUnavailable``  the database cannot be reached now (retrying may succeed)
+           └── ``WriteBacklogFull`` too many writes wait for the database to return
 """
 
 from __future__ import annotations
@@ -33,3 +36,15 @@ class QueueFull(ServiceError):
 
 class StoreError(ServiceError):
     """The history database cannot be reached, has an unknown schema, or failed a query."""
+
+
+class StoreUnavailable(StoreError):
+    """The database cannot be reached now (down, restarting, connection lost): retrying may succeed."""
+
+
+class WriteBacklogFull(StoreUnavailable):
+    """So many writes already wait for the database to return that no new work is accepted."""
+
+
+class UserExists(ServiceError):
+    """``users add``: a user of that name already holds a live (unrevoked) token."""

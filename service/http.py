@@ -1,6 +1,7 @@
 """Plain HTTP on the WebSocket port, through websockets' ``process_request`` hook:
 ``/`` (the browser page), ``/healthz``, ``/readyz`` and ``/metrics``. ``/ws`` goes on to
-the WebSocket handshake; anything else is 404.
+the WebSocket handshake; anything else is 404. A foreign ``Host`` (any path) or ``Origin``
+(``/ws``) gets 403 (see :mod:`service.access`); past the connection limit, ``/ws`` gets 503.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
     from service.server import ChatServer
 
 WS_PATH = "/ws"
+TEXT = "text/plain; charset=utf-8"
 
 ProcessRequest = Callable[[ServerConnection, Request], Awaitable[Response | None]]
 
@@ -39,7 +41,14 @@ def _page() -> str:
 def process_request(server: ChatServer) -> ProcessRequest:
     async def handle(connection: ServerConnection, request: Request) -> Response | None:
         path = request.path.split("?", 1)[0]
+        hosts, origins = request.headers.get_all("Host"), request.headers.get_all("Origin")
+        if len(hosts) != 1 or not server.access.host_allowed(hosts[0]):
+            return _respond(connection, HTTPStatus.FORBIDDEN, "unknown Host\n", TEXT)
         if path == WS_PATH:
+            if len(origins) > 1 or not server.access.origin_allowed(next(iter(origins), None), server.port):
+                return _respond(connection, HTTPStatus.FORBIDDEN, "Origin not allowed\n", TEXT)
+            if server.connection_count >= server.settings.server.max_connections:
+                return _respond(connection, HTTPStatus.SERVICE_UNAVAILABLE, "too many connections\n", TEXT)
             return None
         if path == "/healthz":
             return _respond(connection, HTTPStatus.OK, '{"status":"ok"}', "application/json")
@@ -55,6 +64,6 @@ def process_request(server: ChatServer) -> ProcessRequest:
             )
         if path in ("/", "/index.html"):
             return _respond(connection, HTTPStatus.OK, _page(), "text/html; charset=utf-8")
-        return _respond(connection, HTTPStatus.NOT_FOUND, "not found\n", "text/plain; charset=utf-8")
+        return _respond(connection, HTTPStatus.NOT_FOUND, "not found\n", TEXT)
 
     return handle

@@ -23,7 +23,9 @@ class OutboxClosed(Exception):
 
 
 class Outbox:
-    def __init__(self) -> None:
+    def __init__(self, max_frames: int = 1024) -> None:
+        self.max_frames = max_frames
+        self.overflowed = False  # the client left more than max_frames unread: drop it
         self._frames: deque[Mapping[str, Any]] = deque()
         self._unsent_tokens: dict[str, frames.TokenFrame] = {}
         self._ready = asyncio.Event()
@@ -38,6 +40,9 @@ class Outbox:
 
     def put(self, frame: Mapping[str, Any]) -> None:
         if self._closed:
+            return
+        if len(self._frames) >= self.max_frames:
+            self.overflowed = True
             return
         session = frame.get("session")
         if isinstance(session, str):

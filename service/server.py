@@ -20,6 +20,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.typing import Subprotocol
 
 from service import http
+from service.access import AccessPolicy
 from service.config import ServiceSettings
 from service.connection import Connection
 from service.engine.types import FinishReason, GenerationResult
@@ -77,11 +78,19 @@ class ChatServer:
         self.metrics = Metrics(
             queue_depth=lambda: sum(e.stats.waiting for e in self.models.loaded()),
             running=lambda: sum(e.stats.running for e in self.models.loaded()),
+            pending_writes=lambda: self.store.pending_writes,
         )
         # Every frame the server sends passes here first (tests validate them against schema/).
         self.frame_observer: Callable[[Mapping[str, Any]], None] | None = None
+        self.access = AccessPolicy.build(
+            host=settings.server.host,
+            allowed_hosts=settings.server.allowed_hosts,
+            allowed_origins=settings.server.allowed_origins,
+        )
         self._generations: dict[UUID, Generation] = {}
-        self._connections: set[ServerConnection] = set()
+        self.draining = False
+        self._connections: dict[ServerConnection, Connection] = {}
+        self._changed = asyncio.Event()  # pulsed when a connection closes or a generation starts
         self._server: Server | None = None
 
     # ---- serving -------------------------------------------------------------------------
@@ -113,14 +122,59 @@ class ChatServer:
         assert self._server is not None
         return int(self._server.sockets[0].getsockname()[1])
 
+    @property
+    def connection_count(self) -> int:
+        return len(self._connections)
+
+    @property
+    def connections(self) -> list[Connection]:
+        return list(self._connections.values())
+
+    @property
+    def generation_count(self) -> int:
+        """Generations running or being stored."""
+        return len(self._generations)
+
+    def _pulse(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def wait_until(self, predicate: Callable[[], bool]) -> None:
+        """Wait until ``predicate`` holds, re-checked whenever a connection closes or a
+        generation starts (for tests and benchmarks: no polling)."""
+        while not predicate():
+            await self._changed.wait()
+
+    async def wait_connections(self, count: int) -> None:
+        await self.wait_until(lambda: self.connection_count <= count)
+
     async def _handler(self, ws: ServerConnection) -> None:
-        self._connections.add(ws)
+        connection = Connection(self, ws)
+        self._connections[ws] = connection
         self.metrics.connections.inc()
         try:
-            await Connection(self, ws).run()
+            await connection.run()
         finally:
-            self._connections.discard(ws)
+            del self._connections[ws]
             self.metrics.connections.dec()
+            self._pulse()
+
+    async def drain(self) -> None:
+        """Stop accepting connections and new generations; give the running ones up to
+        ``shutdown_grace_s`` to finish (then :meth:`shutdown` cancels and stores the rest)."""
+        self.draining = True
+        if self._server is not None:
+            self._server.server.close()  # stop listening; open connections stay
+        running = [asyncio.ensure_future(g.done.wait()) for g in self._generations.values()]
+        if running:
+            log.info(
+                "letting %d generation(s) finish (at most %.0f s)",
+                len(running),
+                self.settings.server.shutdown_grace_s,
+            )
+            _, pending = await asyncio.wait(running, timeout=self.settings.server.shutdown_grace_s)
+            for waiter in pending:
+                waiter.cancel()
 
     async def shutdown(self) -> None:
         """Cancel every generation and wait until each result is stored."""
@@ -155,6 +209,7 @@ class ChatServer:
 
     def track(self, generation: Generation) -> None:
         self._generations[generation.message_id] = generation
+        self._pulse()
 
     def detached_generation(self, message: str, user_id: UUID, chat_id: UUID) -> Generation | None:
         """A running generation of this user's chat that no session holds, by message id."""

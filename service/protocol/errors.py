@@ -29,6 +29,7 @@ class CloseCode(IntEnum):
     NORMAL = 1000
     GOING_AWAY = 1001
     UNSUPPORTED_DATA = 1003  # a binary frame
+    POLICY_VIOLATION = 1008  # a client that leaves too many replies unread
     MESSAGE_TOO_BIG = 1009
     INTERNAL_ERROR = 1011
     UNAUTHENTICATED = 4401

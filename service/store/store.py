@@ -11,17 +11,20 @@ characters in written text are stored as U+FFFD rather than failing the write.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import overload
+from datetime import datetime
+from typing import Self, overload
 from urllib.parse import urlsplit, urlunsplit
 from uuid import UUID
 
 import asyncpg
 import orjson
 
-from service.errors import StoreError
+from service.errors import StoreError, UserExists
 from service.store.migrations import apply_migrations, load_migrations
 from service.store.records import (
     FINISHED_STATUSES,
@@ -31,6 +34,7 @@ from service.store.records import (
     Completion,
     StoredMessage,
     User,
+    UserRecord,
     title_from,
     token_hash,
 )
@@ -54,7 +58,7 @@ class Store:
     @classmethod
     async def open(
         cls, dsn: str, *, min_size: int = 1, max_size: int = 10, connect_timeout: float = 10.0
-    ) -> Store:
+    ) -> Self:
         """Connect a pool to ``dsn`` (a ``postgresql://`` URI) and bring the schema up to date."""
         try:
             pool = await asyncpg.create_pool(
@@ -81,6 +85,14 @@ class Store:
         except TimeoutError:
             log.warning("database pool did not close within %.1f s; terminating it", grace_s)
             self._pool.terminate()
+
+    @property
+    def pending_writes(self) -> int:
+        """Writes accepted but not yet in the database: none, every write here is awaited.
+
+        (:class:`~service.store.durable.DurableStore` keeps writes in memory while the database is down.)
+        """
+        return 0
 
     async def ping(self, *, within_s: float = 5.0) -> None:
         """Raise :class:`StoreError` unless the database answers a query within ``within_s``."""
@@ -126,33 +138,122 @@ class Store:
         return User(id=row["id"], name=row["name"])
 
     async def user_for_token(self, token: str) -> User | None:
-        """The user holding auth ``token`` (matched by its SHA-256), or None: unknown or revoked."""
+        """The user holding auth ``token`` (matched by its SHA-256), or None: unknown or revoked.
+
+        The local user (of ``--auth none``) never matches, whatever its row holds.
+        """
+        digest = token_hash(token)
         async with self._connection() as conn:
             row = await conn.fetchrow(
-                "SELECT id, name FROM users WHERE token_hash = $1 AND revoked_at IS NULL", token_hash(token)
+                "SELECT id, name, token_hash FROM users"
+                " WHERE token_hash = $1 AND revoked_at IS NULL AND name <> $2",
+                digest,
+                LOCAL_USER_NAME,
             )
-        return None if row is None else User(id=row["id"], name=row["name"])
+        if row is None or not hmac.compare_digest(bytes(row["token_hash"]), digest):
+            return None
+        return User(id=row["id"], name=row["name"])
+
+    async def add_user(self, name: str, token_hash: bytes) -> User:
+        """Give ``name`` the token whose SHA-256 is ``token_hash``, creating the user if needed.
+
+        A revoked user (or one that never had a token) comes back under the new token, with the
+        same id and so the same chats. Raises :class:`UserExists` when ``name`` holds a live token.
+        """
+        async with self._connection() as conn:
+            row = await conn.fetchrow(
+                """
+                INSERT INTO users (name, token_hash) VALUES ($1, $2)
+                ON CONFLICT (name) DO UPDATE SET token_hash = excluded.token_hash, revoked_at = NULL
+                WHERE users.revoked_at IS NOT NULL OR users.token_hash IS NULL
+                RETURNING id, name
+                """,
+                name,
+                token_hash,
+            )
+        if row is None:
+            raise UserExists(f"user {name!r} exists and holds a token; revoke it first to issue a new one")
+        return User(id=row["id"], name=row["name"])
+
+    async def list_users(self) -> list[UserRecord]:
+        """Every user, oldest first (tokens are never stored, so never listed)."""
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                "SELECT id, name, created_at, revoked_at, token_hash IS NOT NULL AS has_token"
+                " FROM users ORDER BY created_at, name"
+            )
+        return [
+            UserRecord(
+                id=r["id"],
+                name=r["name"],
+                created_at=r["created_at"],
+                revoked_at=r["revoked_at"],
+                has_token=r["has_token"],
+            )
+            for r in rows
+        ]
+
+    async def revoke_user(self, name: str) -> bool:
+        """Mark ``name`` revoked: its token stops working. False when no such user is live."""
+        async with self._connection() as conn:
+            revoked = await conn.fetchval(
+                "UPDATE users SET revoked_at = now() WHERE name = $1 AND revoked_at IS NULL RETURNING id",
+                name,
+            )
+        return revoked is not None
 
     async def create_chat(
-        self, user_id: UUID, *, model: str, title: str | None, system: str | None, params: dict[str, object]
+        self,
+        user_id: UUID,
+        *,
+        model: str,
+        title: str | None,
+        system: str | None,
+        params: dict[str, object],
+        chat_id: UUID | None = None,
+        system_id: UUID | None = None,
+        created_at: datetime | None = None,
     ) -> tuple[Chat, list[StoredMessage]]:
-        """A new chat; a ``system`` prompt, when given, is stored as its first message."""
+        """A new chat; a ``system`` prompt, when given, is stored as its first message.
+
+        The ids and the creation time may be made up front (so that the write can be replayed when
+        its answer was lost): creating a chat that is stored already returns it as it is.
+        """
+        chat_id = chat_id or uuid.uuid4()
         async with self._connection() as conn, conn.transaction():
             row = await conn.fetchrow(
-                f"INSERT INTO chats (user_id, title, model, params) VALUES ($1, $2, $3, $4) "
-                f"RETURNING {_CHAT_COLUMNS}",
+                "INSERT INTO chats (id, user_id, title, model, params, created_at, updated_at)"
+                " VALUES ($1, $2, $3, $4, $5, coalesce($6, now()), coalesce($6, now()))"
+                f" ON CONFLICT (id) DO NOTHING RETURNING {_CHAT_COLUMNS}",
+                chat_id,
                 user_id,
                 _pg_text(title),
                 model,
                 params,
+                created_at,
             )
+            if row is None:  # stored already (a replay)
+                row = await conn.fetchrow(
+                    f"SELECT {_CHAT_COLUMNS} FROM chats WHERE id = $1 AND user_id = $2", chat_id, user_id
+                )
+                if row is None:
+                    raise StoreError(f"chat id {chat_id} is taken")
+                system_rows = await conn.fetch(
+                    f"SELECT {_MESSAGE_COLUMNS} FROM messages"
+                    " WHERE chat_id = $1 AND role = 'system' ORDER BY seq",
+                    chat_id,
+                )
+                return _chat(row), [_message(r) for r in system_rows]
             messages: list[StoredMessage] = []
             if system is not None:
                 system_row = await conn.fetchrow(
-                    "INSERT INTO messages (chat_id, role, text, status, finished_at) "
-                    f"VALUES ($1, 'system', $2, 'complete', now()) RETURNING {_MESSAGE_COLUMNS}",
-                    row["id"],
+                    "INSERT INTO messages (id, chat_id, role, text, status, created_at, finished_at) "
+                    "VALUES ($1, $2, 'system', $3, 'complete', coalesce($4, now()), coalesce($4, now())) "
+                    f"RETURNING {_MESSAGE_COLUMNS}",
+                    system_id or uuid.uuid4(),
+                    chat_id,
                     _pg_text(system),
+                    created_at,
                 )
                 messages.append(_message(system_row))
         return _chat(row), messages
@@ -244,32 +345,51 @@ class Store:
         user_token_ids: list[int],
         assistant_id: UUID,
         prompt_offset: int = 0,
+        user_message_id: UUID | None = None,
+        created_at: datetime | None = None,
     ) -> StoredMessage:
         """Store the user's message and open the assistant's (``generating``), in one transaction.
 
         ``user_token_ids`` are the prompt's ids from ``prompt_offset`` on: rebuilding a chat's ids
         from its history keeps the first ``prompt_offset`` ids before each user message's own.
         Also marks the chat updated and, while it has no title, titles it from ``user_text``.
-        The caller has already checked that the chat is the user's.
+        The caller has already checked that the chat is the user's. The user message's id and the
+        creation time may be made up front (so that the write can be replayed when its answer was
+        lost): a turn whose user message is stored already is left as it is and returned.
         """
+        user_message_id = user_message_id or uuid.uuid4()
         async with self._connection() as conn, conn.transaction():
             try:
                 row = await conn.fetchrow(
                     "INSERT INTO messages"
-                    " (chat_id, role, text, status, token_ids, prompt_offset, finished_at)"
-                    f" VALUES ($1, 'user', $2, 'complete', $3, $4, now()) RETURNING {_MESSAGE_COLUMNS}",
+                    " (id, chat_id, role, text, status, token_ids, prompt_offset, created_at, finished_at)"
+                    " VALUES ($1, $2, 'user', $3, 'complete', $4, $5,"
+                    " coalesce($6, now()), coalesce($6, now()))"
+                    f" ON CONFLICT (id) DO NOTHING RETURNING {_MESSAGE_COLUMNS}",
+                    user_message_id,
                     chat_id,
                     _pg_text(user_text),
                     user_token_ids,
                     prompt_offset,
+                    created_at,
                 )
             except asyncpg.ForeignKeyViolationError as exc:
                 raise StoreError(f"chat {chat_id} does not exist (deleted meanwhile?)") from exc
+            if row is None:  # stored already (a replay)
+                row = await conn.fetchrow(
+                    f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = $1 AND chat_id = $2",
+                    user_message_id,
+                    chat_id,
+                )
+                if row is None:
+                    raise StoreError(f"message id {user_message_id} is taken")
+                return _message(row)
             await conn.execute(
-                "INSERT INTO messages (id, chat_id, role, text, status) "
-                "VALUES ($1, $2, 'assistant', '', 'generating')",
+                "INSERT INTO messages (id, chat_id, role, text, status, created_at) "
+                "VALUES ($1, $2, 'assistant', '', 'generating', coalesce($3, now()))",
                 assistant_id,
                 chat_id,
+                created_at,
             )
             await conn.execute(
                 "UPDATE chats SET updated_at = now(), title = coalesce(title, $2) WHERE id = $1",

@@ -101,12 +101,30 @@ async def test_a_killed_server_leaves_interrupted_replies(
     assert (message["role"], message["status"]) == ("assistant", "interrupted")
 
 
-async def test_sigterm_stores_running_replies_and_exits_cleanly(
+async def test_sigterm_lets_running_replies_finish(
     start_service: ServiceFactory, database_url: str, tiny_model: PreparedModel, tmp_path: Path
 ) -> None:
-    """SIGTERM cancels running generations, stores them and exits with status 0."""
+    """On SIGTERM a running generation may finish within the shutdown grace: the client gets
+    its whole reply and ``done``, the reply is stored complete, and the process exits 0."""
     args = ("--database-url", database_url, "--model", str(tiny_model.directory), "--data-dir", str(tmp_path))
     async with service_process(*args) as service:
+        client, chat = await start_long_reply(service.url)
+        service.process.send_signal(signal.SIGTERM)
+        done = await client.wait_for(lambda f: f["type"] == "done")
+        assert done["reason"] == "length"
+        assert await asyncio.wait_for(service.process.wait(), TIMEOUT_S) == 0
+        await client.close()
+    assert b"shutting down" in b"".join(service.log)
+    message = await last_message(start_service, chat)
+    assert (message["role"], message["status"]) == ("assistant", "complete")
+
+
+async def test_sigterm_past_the_grace_cancels_and_stores(
+    start_service: ServiceFactory, database_url: str, tiny_model: PreparedModel, tmp_path: Path
+) -> None:
+    """With no shutdown grace, SIGTERM cancels running generations, stores them, exits 0."""
+    args = ("--database-url", database_url, "--model", str(tiny_model.directory), "--data-dir", str(tmp_path))
+    async with service_process(*args, "--shutdown-grace", "0") as service:
         client, chat = await start_long_reply(service.url)
         service.process.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(service.process.wait(), TIMEOUT_S) == 0

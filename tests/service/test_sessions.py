@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import shutil
+from pathlib import Path
 
+from service.app import running_service
+from service.config import ServiceSettings
+from service.engine.models.registry import PreparedModel
 from service.server import ChatServer
 from tests.service.client import Client, Reply
 from tests.service.conftest import ServiceFactory, ws_url
@@ -217,3 +223,113 @@ async def test_models_and_ping(client: Client, server: ChatServer) -> None:
     ]
     pong = await client.request({"type": "ping"})
     assert pong["type"] == "pong"
+
+
+async def test_reattach_within_the_grace_period_replays_then_streams(start_service: ServiceFactory) -> None:
+    """With a grace period, reopening with ``resume`` replays missed tokens, then goes on live;
+    the whole text arrives exactly once and matches the stored reply."""
+    async with start_service(disconnect_grace_s=60) as server:
+        first = await Client.connect(ws_url(server))
+        await first.hello()
+        chat = (await first.open("s"))["chat"]
+        started = await first.start("s", "Write a long story", **LONG)
+        seen = [await first.wait_for(lambda f: f["type"] == "token") for _ in range(3)]
+        await first.close()
+
+        second = await Client.connect(ws_url(server))
+        await second.hello()
+        next_index = seen[-1]["index"] + seen[-1].get("tokens", 1)
+        opened = await second.open(
+            "t", chat=chat, resume={"message": started["message"], "index": next_index}
+        )
+        assert [m["role"] for m in opened["messages"]] == ["user"]
+        rest = await second.finish("t", started)
+        assert rest.tokens[0]["index"] == next_index
+        await server.idle()
+        stored = (await stored_messages(second, chat))[-1]
+        assert stored["text"] == "".join(t["text"] for t in seen) + rest.text
+        assert stored["id"] == rest.done["message"] == started["message"]
+        assert rest.done["reason"] == "length"
+        assert (
+            next_index + sum(t.get("tokens", 1) for t in rest.tokens)
+            == rest.done["usage"]["completion_tokens"]
+        )
+        await second.close()
+
+
+async def test_without_grace_a_resume_finds_the_stored_partial_reply(server: ChatServer) -> None:
+    """With the default grace of 0 a dropped generation is cancelled; ``resume`` just reopens."""
+    first = await Client.connect(ws_url(server))
+    await first.hello()
+    chat = (await first.open("s"))["chat"]
+    started = await first.start("s", "Write a long story", **LONG)
+    await first.wait_for(lambda f: f["type"] == "token")
+    await first.close()
+    await server.idle()
+    second = await Client.connect(ws_url(server))
+    await second.hello()
+    opened = await second.open("t", chat=chat, resume={"message": started["message"], "index": 0})
+    assert [(m["role"], m["status"]) for m in opened["messages"]] == [
+        ("user", "complete"),
+        ("assistant", "cancelled"),
+    ]
+    assert (await second.request({"type": "ping"}))["type"] == "pong"
+    assert not [f for f in second.received if f["type"] == "token"]
+    await second.close()
+
+
+async def test_sessions_pick_models_each_loaded_once(
+    service_settings: ServiceSettings, tiny_model: PreparedModel, tmp_path: Path
+) -> None:
+    """``models`` lists every configured model; ``open`` with ``model`` loads it on first use
+    and later sessions share that engine."""
+    second_dir = tmp_path / "tiny-copy"
+    shutil.copytree(tiny_model.directory, second_dir)
+    settings = dataclasses.replace(service_settings, models=(str(tiny_model.directory), str(second_dir)))
+    async with running_service(settings) as server:
+        c = await Client.connect(ws_url(server))
+        welcome = await c.hello()
+        listed = {m["id"]: (m["loaded"], m["default"]) for m in welcome["models"]}
+        assert listed == {tiny_model.directory.name: (True, True), "tiny-copy": (False, False)}
+        for session in ("a", "b"):
+            opened = await c.open(session, model="tiny-copy")
+            assert opened["model"] == "tiny-copy"
+        reply = await c.chat("a", "hi", **GREEDY, max_tokens=4)
+        assert reply.done["reason"] in ("stop", "length")
+        models = await c.request({"type": "models"})
+        assert {m["id"]: m["loaded"] for m in models["models"]} == {
+            tiny_model.directory.name: True,
+            "tiny-copy": True,
+        }
+        assert len(server.models.loaded()) == 2
+        await c.close()
+
+
+async def test_a_failing_model_run_ends_that_generation_not_the_server(
+    client: Client, server: ChatServer
+) -> None:
+    """A model run that raises ends its generation with ``done`` reason ``error`` (stored as
+    ``error``); the session and the server go on."""
+    engine = await server.models.engine(server.models.default_id)
+    real_forward = engine.runner.forward
+    failures = []
+
+    def failing_forward(*args: object, **kwargs: object) -> object:
+        if not failures:
+            failures.append(True)
+            raise RuntimeError("injected fault")
+        return real_forward(*args, **kwargs)  # type: ignore[arg-type]
+
+    chat = (await client.open("s"))["chat"]
+    engine.runner.forward = failing_forward  # type: ignore[method-assign]
+    try:
+        failed = await client.chat("s", "hello", **GREEDY, max_tokens=5)
+    finally:
+        engine.runner.forward = real_forward  # type: ignore[method-assign]
+    assert failed.done["reason"] == "error"
+    assert failed.done["error"]["code"] == "internal"
+    assert "injected fault" in failed.done["error"]["message"]
+    await server.idle()
+    assert (await stored_messages(client, chat))[-1]["status"] == "error"
+    again = await client.chat("s", "hello again", **GREEDY, max_tokens=5)
+    assert again.done["reason"] in ("stop", "length")
