@@ -32,6 +32,7 @@ class Metrics:
         queue_depth: Callable[[], float],
         running: Callable[[], float],
         pending_writes: Callable[[], float] = lambda: 0,
+        unsettled: Callable[[], float] = lambda: 0,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
@@ -77,6 +78,12 @@ class Metrics:
         Gauge(
             "localchat_pending_writes", "Writes kept in memory until the database is back", registry=r
         ).set_function(pending_writes)
+
+        Gauge(
+            "localchat_unsettled_chats",
+            "Finished chats whose KV caches the idle engine still re-prefills (background work)",
+            registry=r,
+        ).set_function(unsettled)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

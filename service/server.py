@@ -79,6 +79,7 @@ class ChatServer:
             queue_depth=lambda: sum(e.stats.waiting for e in self.models.loaded()),
             running=lambda: sum(e.stats.running for e in self.models.loaded()),
             pending_writes=lambda: self.store.pending_writes,
+            unsettled=lambda: sum(e.stats.unsettled_chats for e in self.models.loaded()),
         )
         # Every frame the server sends passes here first (tests validate them against schema/).
         self.frame_observer: Callable[[Mapping[str, Any]], None] | None = None

@@ -49,6 +49,7 @@ class EngineStats:
     waiting: int = 0
     running: int = 0
     resident_tokens: int = 0
+    unsettled_chats: int = 0  # finished chats whose caches still wait to be made exact
     evictions: int = 0
 
 
@@ -271,6 +272,7 @@ class Engine:
         self.stats.waiting = len(self._scheduler.waiting)
         self.stats.running = len(self._scheduler.decoding) + len(self._scheduler.prefilling)
         self.stats.resident_tokens = self._kv.resident_tokens()
+        self.stats.unsettled_chats = len(self._kv.unsettled())
         self.stats.evictions = self._kv.evictions
 
     def _postprocess(
