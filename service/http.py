@@ -34,8 +34,33 @@ def _respond(connection: ServerConnection, status: HTTPStatus, body: str, conten
     return response
 
 
+# The page may load only its own scripts and styles and talk only to its own service.
+PAGE_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+    "connect-src 'self' ws: wss:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+STATIC_PREFIX = "/static/"
+STATIC_TYPES = {
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".svg": "image/svg+xml",
+}
+
+
 def _page() -> str:
     return resources.files("service.web").joinpath("index.html").read_text(encoding="utf-8")
+
+
+def _static(name: str) -> tuple[str, str] | None:
+    """(body, content type) of a file directly in ``service/web`` with a known suffix, else None."""
+    stem, dot, suffix = name.rpartition(".")
+    content_type = STATIC_TYPES.get(dot + suffix)
+    if content_type is None or not stem or not all(c.isalnum() or c in "-_" for c in stem):
+        return None  # no "/", "..", or hidden names: nothing outside the folder
+    resource = resources.files("service.web").joinpath(name)
+    if not resource.is_file():
+        return None
+    return resource.read_text(encoding="utf-8"), content_type
 
 
 def process_request(server: ChatServer) -> ProcessRequest:
@@ -63,7 +88,17 @@ def process_request(server: ChatServer) -> ProcessRequest:
                 connection, HTTPStatus.OK, server.metrics.exposition().decode(), METRICS_CONTENT_TYPE
             )
         if path in ("/", "/index.html"):
-            return _respond(connection, HTTPStatus.OK, _page(), "text/html; charset=utf-8")
+            response = _respond(connection, HTTPStatus.OK, _page(), "text/html; charset=utf-8")
+            response.headers["Content-Security-Policy"] = PAGE_CSP
+            response.headers["X-Content-Type-Options"] = "nosniff"
+            response.headers["Referrer-Policy"] = "no-referrer"
+            return response
+        if path.startswith(STATIC_PREFIX) and (found := _static(path.removeprefix(STATIC_PREFIX))):
+            response = _respond(connection, HTTPStatus.OK, found[0], found[1])
+            del response.headers["Cache-Control"]
+            response.headers["Cache-Control"] = "no-cache"  # revalidated: page and modules change together
+            response.headers["X-Content-Type-Options"] = "nosniff"
+            return response
         return _respond(connection, HTTPStatus.NOT_FOUND, "not found\n", TEXT)
 
     return handle

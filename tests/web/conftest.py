@@ -1,0 +1,127 @@
+"""The browser page in headless system Chromium (Debian's ``chromium``), driven by Playwright's async
+API on pytest-asyncio's session loop, against the real service (tiny model, real PostgreSQL)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from playwright.async_api import Browser, ConsoleMessage, Page, async_playwright
+
+from service.server import ChatServer
+from tests.service.conftest import server, service_settings, start_service  # noqa: F401
+
+CHROMIUM = os.environ.get("LOCALCHAT_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+
+
+def page_url(service: ChatServer) -> str:
+    return f"http://127.0.0.1:{service.port}/"
+
+
+@pytest.fixture(scope="session")
+async def browser() -> AsyncIterator[Browser]:
+    if not shutil.which(CHROMIUM):
+        pytest.fail(
+            f"no Chromium at {CHROMIUM}: the browser tests need Debian's chromium package "
+            "(apt-get install -y chromium; scripts/test installs it), or LOCALCHAT_CHROMIUM naming one"
+        )
+    async with async_playwright() as playwright:
+        launched = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield launched
+        await launched.close()
+
+
+@pytest.fixture
+async def new_page(browser: Browser) -> AsyncIterator[Callable[..., Any]]:
+    """``await new_page(server, **context_options)``: a page of the service in a fresh context; any
+    page error or console error fails the test at teardown."""
+    contexts = []
+    problems: list[str] = []
+
+    async def make(service: ChatServer, **options: Any) -> Page:
+        context = await browser.new_context(**options)
+        contexts.append(context)
+        page = await context.new_page()
+        page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
+
+        def console(message: ConsoleMessage) -> None:
+            if message.type == "error" and "WebSocket" not in message.text:
+                problems.append(f"console error: {message.text}")
+
+        page.on("console", console)
+        await page.goto(page_url(service))
+        return page
+
+    yield make
+    for context in contexts:
+        await context.close()
+    assert not problems, "\n".join(problems)
+
+
+class EngineGate:
+    """Holds the engine before its model runs: ``hold(n)`` lets ``n`` more runs through, then blocks
+    (a prefill is one run, each decoded token one more); ``release()`` lets everything through. A
+    reply stays mid-stream, deterministically, for as long as a test needs."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._permits: int | None = None  # None: open
+
+    def hold(self, runs: int = 0) -> None:
+        with self._cond:
+            self._permits = runs
+            self._cond.notify_all()
+
+    def release(self) -> None:
+        with self._cond:
+            self._permits = None
+            self._cond.notify_all()
+
+    def wait(self) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: self._permits != 0)
+            if self._permits is not None:
+                self._permits -= 1
+
+    def install(self, service: ChatServer, monkeypatch: pytest.MonkeyPatch) -> None:
+        for engine in service.models.loaded():
+
+            def gated(*args: Any, _forward: Callable[..., np.ndarray] = engine.runner.forward) -> np.ndarray:
+                self.wait()
+                return _forward(*args)
+
+            monkeypatch.setattr(engine.runner, "forward", gated)
+
+
+@pytest.fixture
+def engine_gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[ChatServer], EngineGate]]:
+    """``engine_gate(server)``: an :class:`EngineGate` on that server's engines, released at teardown
+    (a test that starts its own service releases it before stopping the service)."""
+    gates: list[EngineGate] = []
+
+    def install(service: ChatServer) -> EngineGate:
+        gate = EngineGate()
+        gate.install(service, monkeypatch)
+        gates.append(gate)
+        return gate
+
+    try:
+        yield install
+    finally:
+        for gate in gates:
+            gate.release()
