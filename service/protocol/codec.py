@@ -225,3 +225,39 @@ def parse_client_frame(text: str | bytes) -> frames.ClientFrame:
     if parser is None:
         raise reader.fail(f"unknown frame type {kind[:64]!r}", ErrorCode.UNKNOWN_TYPE)
     return parser(reader)
+
+
+# ---- the client side: the inverse of parse_client_frame ---------------------------------------
+
+_CLIENT_TYPES: dict[type[frames.ClientFrame], str] = {
+    frames.Hello: "hello",
+    frames.Open: "open",
+    frames.Send: "send",
+    frames.Stop: "stop",
+    frames.Close: "close",
+    frames.ListModels: "models",
+    frames.ListChats: "chats",
+    frames.GetHistory: "history",
+    frames.Delete: "delete",
+    frames.Ping: "ping",
+}
+
+
+def client_frame_dict(frame: frames.ClientFrame) -> dict[str, Any]:
+    """A client frame as its JSON object: fields left ``None`` (and empty ``params``) are
+    omitted, so ``parse_client_frame`` of its encoding gives ``frame`` back."""
+    obj: dict[str, Any] = {"type": _CLIENT_TYPES[type(frame)]}
+    for name in frame.__slots__:
+        value = getattr(frame, name)
+        if isinstance(value, frames.Params):
+            value = value.given() or None
+        elif isinstance(value, frames.Resume):
+            value = {"message": value.message, "index": value.index}
+        if value is not None:
+            obj[name] = value
+    return obj
+
+
+def encode_client_frame(frame: frames.ClientFrame) -> bytes:
+    """UTF-8 JSON of a client frame (send it as a text frame)."""
+    return orjson.dumps(client_frame_dict(frame))

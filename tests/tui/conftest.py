@@ -1,0 +1,5 @@
+"""The TUI tests run against a real service (tiny model, real PostgreSQL) from tests/service."""
+
+from __future__ import annotations
+
+from tests.service.conftest import server, service_settings, start_service  # noqa: F401

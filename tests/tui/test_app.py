@@ -1,0 +1,148 @@
+"""The app with Textual's pilot against a real running service."""
+
+from __future__ import annotations
+
+import pytest
+from textual.widgets import Button, Label
+
+from service.server import ChatServer
+from tests.service.conftest import ServiceFactory
+from tests.tui.helpers import (
+    LONG,
+    SHORT,
+    SIZE,
+    configure,
+    connected,
+    current,
+    gate_engine,
+    live_app,
+    settle,
+    shown,
+    stored,
+    until,
+)
+from tui_client.client import SessionFrame, SessionRestored
+
+STEP_S = 0.005  # per model run: a 200-token reply takes over a second
+
+
+async def test_two_chats_stream_at_once(server: ChatServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two chats on one connection stream interleaved; each shows exactly its stored reply."""
+    gate_engine(monkeypatch, server, step_s=STEP_S)
+    app, events = live_app(server)
+    async with app.run_test(size=SIZE) as pilot:
+        await connected(app)
+        first = current(app)
+        second = await app.new_chat()
+        assert app.current is second
+        configure(first, LONG)
+        configure(second, LONG)
+        second.prompt.text = "Write another long story"
+        await first.submit("Write a long story")
+        await pilot.press("enter")  # in the second chat, which has the focus
+        await until(app, lambda: first.status.phase == "done" and second.status.phase == "done")
+
+        order = [(e.session, e.frame["type"]) for e in events if isinstance(e, SessionFrame)]
+        first_done = order.index((first.session, "done"))
+        second_done = order.index((second.session, "done"))
+        assert (second.session, "token") in order[:first_done], order
+        assert (first.session, "token") in order[:second_done]
+        for pane in (first, second):
+            assert pane.chat is not None
+            history = await stored(server, pane.chat)
+            assert shown(pane) == [(m["role"], m["text"]) for m in history]
+            await settle(pilot, lambda p=pane: all(v.rendered for v in p.messages))  # type: ignore[misc]
+        assert "done" in first.status.line()
+        assert "tok/s" in first.status.line()
+
+
+async def test_stop_keeps_the_partial_reply_marked_stopped(
+    server: ChatServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Esc stops the current chat's reply at once; the partial text stays, marked stopped,
+    and matches what the service stored as cancelled."""
+    gate_engine(monkeypatch, server, step_s=STEP_S)
+    app, _ = live_app(server)
+    async with app.run_test(size=SIZE) as pilot:
+        await connected(app)
+        pane = current(app)
+        configure(pane, LONG)
+        await pane.submit("Write a long story")
+        await until(app, lambda: pane.status.tokens > 0)
+        await pilot.press("escape")
+        await until(app, lambda: pane.status.phase in ("stopped", "done"))
+        assert pane.status.phase == "stopped"
+        reply = pane.messages[-1]
+        assert reply.role == "assistant"
+        assert reply.text
+        assert pane.chat is not None
+        last = (await stored(server, pane.chat))[-1]
+        assert (last["status"], last["text"]) == ("cancelled", reply.text)
+        await settle(pilot, lambda: reply.rendered)
+        assert "stopped" in str(reply.query_one(".note", Label).render())
+        assert pane.query_one(".stop", Button).disabled
+
+
+async def test_reopening_a_past_chat_shows_history_and_continues(server: ChatServer) -> None:
+    """A chat from an earlier run comes back from the past-chats browser with its history,
+    and a new prompt continues it."""
+    app, _ = live_app(server)
+    async with app.run_test(size=SIZE) as pilot:
+        await connected(app)
+        pane = current(app)
+        configure(pane, SHORT)
+        await pane.submit("Hello there")
+        await until(app, lambda: pane.status.phase == "done")
+        chat = pane.chat
+        assert chat is not None
+
+    app, _ = live_app(server)
+    async with app.run_test(size=SIZE) as pilot:
+        await connected(app)
+        await pilot.press("ctrl+o")
+        browser = app.screen
+        await until(app, lambda: bool(getattr(browser, "chats", None)))
+        await pilot.pause()
+        await pilot.press("enter")
+        pane = current(app)
+        await until(app, lambda: pane.chat == chat and len(pane.messages) == 2)
+        assert pane.label == "Hello there"
+        assert [role for role, _ in shown(pane)] == ["user", "assistant"]
+        configure(pane, SHORT)
+        await pane.submit("And again")
+        await until(app, lambda: pane.status.phase == "done")
+        history = await stored(server, chat)
+        assert [m["role"] for m in history] == ["user", "assistant", "user", "assistant"]
+        assert shown(pane) == [(m["role"], m["text"]) for m in history]
+        assert pane.status.cached_tokens > 0  # the session reused the KV cache of its own turn?
+
+
+async def test_reconnect_reattaches_a_running_reply(
+    start_service: ServiceFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the connection drops mid-reply the banner says so; the client reconnects, reopens
+    the chat with ``resume`` and the reply streams on without a gap or a repeat."""
+    async with start_service(disconnect_grace_s=60) as server:
+        gate = gate_engine(monkeypatch, server)
+        app, events = live_app(server)
+        async with app.run_test(size=SIZE):
+            await connected(app)
+            pane = current(app)
+            configure(pane, LONG)
+            await pane.submit("Write a long story")
+            await until(app, lambda: pane.status.tokens >= 3)
+            gate.hold()  # the reply is still running when the client comes back
+            for connection in server.connections:
+                connection.ws.transport.abort()
+            await until(app, lambda: app.connection_state == "disconnected")
+            assert not app.query_one("#banner").has_class("hidden")
+            await until(app, lambda: any(isinstance(e, SessionRestored) for e in events))
+            gate.release()
+            await until(app, lambda: pane.status.phase in ("done", "stopped", "failed"))
+            assert app.query_one("#banner").has_class("hidden")
+            assert pane.chat is not None
+            history = await stored(server, pane.chat)
+            assert shown(pane) == [(m["role"], m["text"]) for m in history]
+            assert history[-1]["status"] == "complete"
+            restored = [e for e in events if isinstance(e, SessionRestored)]
+            assert [e.reattached for e in restored] == [True]
