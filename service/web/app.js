@@ -378,15 +378,45 @@ async function reopen(s) {
     return;
   }
   if (!reply) return showHistory(s, opened.messages);
-  const stored = opened.messages.find((m) => m.id === reply.message);
-  if (!reply.message || stored) {
-    // It ended while we were away (or never started): the store has the final text.
-    s.reply = null;
-    setGenerating(s, false);
-    showHistory(s, opened.messages);
-    if (!stored && reply.message === null) s.log.append(el("p", { class: "note", text: "The last message may not have been sent." }));
+  if (!reply.message) {
+    finishFromStore(s, reply, opened.messages);
+    s.log.append(el("p", { class: "note", text: "The connection dropped before the reply started." }));
+  } else if (!finishFromStore(s, reply, opened.messages)) {
+    watchResume(s, reply);
   }
-  // Otherwise it is still running and its tokens follow from reply.index on.
+}
+
+// The reply ended while we were away when the store has it: show the stored history instead.
+function finishFromStore(s, reply, messages) {
+  const stored = messages.find((m) => m.id === reply.message);
+  if (reply.message && !stored) return false;
+  if (s.reply !== reply) return true;
+  s.reply = null;
+  setGenerating(s, false);
+  showHistory(s, messages);
+  return true;
+}
+
+// A resumed reply streams on from reply.index. If the service no longer had it running (it was
+// cancelled at the disconnect), nothing comes: look for it in the stored history now and then.
+function watchResume(s, reply) {
+  let seen = reply.index;
+  let delay = 1000;
+  const check = async () => {
+    if (s.reply !== reply || !sessions.has(s.id) || !conn.ready) return;
+    if (reply.index === seen) {
+      try {
+        const history = await conn.request({ type: "history", chat: s.chat });
+        if (history.type === "history" && finishFromStore(s, reply, history.messages)) return;
+      } catch {
+        return; // dropped again: the next welcome reopens the chat
+      }
+    }
+    seen = reply.index;
+    delay = Math.min(delay * 2, 8000);
+    setTimeout(check, delay);
+  };
+  setTimeout(check, delay);
 }
 
 function showConnection(state, delay) {

@@ -284,3 +284,49 @@ async def test_static_files_and_headers(server: ChatServer, new_page: NewPage) -
         "/static/",
     ]:
         assert (await page.request.get(f"http://127.0.0.1:{server.port}{path}")).status == 404, path
+
+
+async def test_a_reply_cancelled_by_the_drop_shows_its_stored_text(
+    server: ChatServer, new_page: NewPage, engine_gate: GateFactory
+) -> None:
+    """Without a grace period the drop cancels the reply: after reconnecting, the page shows it from
+    the stored history (status cancelled)."""
+    gate = engine_gate(server)
+    page = await new_page(server)
+    gate.hold(6)
+    reply = await send(page, "Talk for a while")
+    partial = await mid_stream(reply)
+    await page.context.set_offline(True)  # no reconnecting until the reply is stored
+    for connection in server.connections:
+        connection.ws.transport.abort()
+    await expect(page.locator("#banner-text")).to_have_text(re.compile("^Connection lost"))
+    gate.release()  # the cancelled generation ends (one more step) and is stored
+    await server.idle()
+    await page.context.set_offline(False)
+    await expect(page.locator("#conn")).to_have_text("Connected as local", timeout=20_000)
+    stored = pane(page).locator(".msg.assistant").last
+    await expect(stored.locator(".status")).to_have_text("cancelled")
+    assert (await stored.locator(".body").text_content() or "").startswith(partial[:10])
+    await expect(pane(page).get_by_role("button", name="Send")).to_be_enabled()
+
+
+async def test_a_reply_behind_a_full_batch_shows_queued(
+    start_service: ServiceFactory, new_page: NewPage, engine_gate: GateFactory
+) -> None:
+    """With one generation at a time, a second chat's reply says it is queued, then streams."""
+    async with start_service(engine={"max_batch": 1}) as server:
+        gate = engine_gate(server)
+        try:
+            page = await new_page(server)
+            gate.hold(0)
+            first = await send(page, "First")
+            await expect(first).to_have_attribute("data-state", "generating")
+            await page.get_by_role("button", name="New chat", exact=True).click()
+            second = await send(page, "Second")
+            await expect(second.locator(".status")).to_have_text("queued (position 1)")
+            await expect(second).to_have_attribute("data-state", "queued")
+            gate.release()
+            await finished(first)
+            await finished(second)
+        finally:
+            gate.release()
