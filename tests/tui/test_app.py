@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from textual.widgets import Button, Label
+from textual.widgets import Button, Input, Label, ListItem
 
 from service.server import ChatServer
 from tests.service.conftest import ServiceFactory
@@ -11,6 +11,7 @@ from tests.tui.helpers import (
     LONG,
     SHORT,
     SIZE,
+    chats,
     configure,
     connected,
     current,
@@ -22,6 +23,7 @@ from tests.tui.helpers import (
     until,
 )
 from tui_client.client import SessionFrame, SessionRestored
+from tui_client.screens import ConfirmScreen, ModelScreen, PastChatsScreen, RenameScreen, SettingsScreen
 
 STEP_S = 0.005  # per model run: a 200-token reply takes over a second
 
@@ -146,3 +148,58 @@ async def test_reconnect_reattaches_a_running_reply(
             assert history[-1]["status"] == "complete"
             restored = [e for e in events if isinstance(e, SessionRestored)]
             assert [e.reattached for e in restored] == [True]
+
+
+async def test_dialogs_settings_rename_model_newline_and_delete(server: ChatServer) -> None:
+    """Ctrl+T sets the chat's sampling (sent with the prompt), Ctrl+J puts a newline in the
+    prompt, F2 renames the chat in the sidebar, Ctrl+L picks a model, and the past-chats
+    browser deletes a chat only after the confirmation."""
+    app, _ = live_app(server)
+    async with app.run_test(size=SIZE) as pilot:
+        await connected(app)
+        pane = current(app)
+
+        await pilot.press("ctrl+t")
+        await settle(pilot, lambda: isinstance(app.screen, SettingsScreen))
+        app.screen.query_one("#temperature", Input).value = "0"
+        app.screen.query_one("#max_tokens", Input).value = "3"
+        await pilot.click("#save")
+        await settle(pilot, lambda: not isinstance(app.screen, SettingsScreen))
+        assert (pane.settings.temperature, pane.settings.max_tokens) == (0.0, 3)
+
+        await pilot.press("ctrl+l")
+        await settle(pilot, lambda: isinstance(app.screen, ModelScreen))
+        await pilot.press("enter")
+        await settle(pilot, lambda: not isinstance(app.screen, ModelScreen))
+        assert pane.model == server.models.default_id
+
+        await pilot.press(*"Two", "ctrl+j", *"lines")
+        assert pane.prompt.text == "Two\nlines"
+        await pilot.press("enter")
+        await until(app, lambda: pane.status.phase == "done")
+        assert pane.status.tokens <= 3
+        assert shown(pane)[0] == ("user", "Two\nlines")
+
+        await pilot.press("f2")
+        await settle(pilot, lambda: isinstance(app.screen, RenameScreen))
+        app.screen.query_one(Input).value = "Renamed"
+        await pilot.press("enter")
+        await settle(pilot, lambda: pane.label == "Renamed")
+        item = app.query_one(f"#item-{pane.session}", ListItem)
+        await settle(pilot, lambda: "Renamed" in str(item.query_one(Label).render()))
+
+        assert pane.chat is not None
+        await pilot.press("ctrl+o")
+        browser = app.screen
+        assert isinstance(browser, PastChatsScreen)
+        await until(app, lambda: len(browser.chats) == 1)
+        await pilot.press("d")
+        await settle(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        await pilot.press("n")  # changed my mind: nothing happens
+        await settle(pilot, lambda: app.screen is browser)
+        assert len(await chats(server)) == 1
+        await pilot.press("d")
+        await settle(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        await pilot.press("y")
+        await until(app, lambda: not browser.chats)
+        assert await chats(server) == []
