@@ -26,7 +26,6 @@ const dom = {
 const sessions = new Map(); // session id -> Session
 let active = null;
 let sessionCounter = 0;
-let models = [];
 
 const conn = new Connection(wsUrl(window.location), {
   onState: showConnection,
@@ -78,7 +77,11 @@ function newSession({ chat = null, title = null, model = null } = {}) {
     "aria-label": "Stop the reply",
     onclick: () => stop(id),
   });
-  const form = el("form", { class: "composer", onsubmit: (e) => (e.preventDefault(), submit(id)) }, textarea, sendBtn, stopBtn);
+  const onsubmit = (e) => {
+    e.preventDefault();
+    submit(id);
+  };
+  const form = el("form", { class: "composer", onsubmit }, textarea, sendBtn, stopBtn);
   textarea.addEventListener("keydown", (e) => {
     if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
       e.preventDefault();
@@ -91,7 +94,8 @@ function newSession({ chat = null, title = null, model = null } = {}) {
     log,
     form,
   );
-  const s = { id, chat, title, model, tab, tabItem, tabLabel, closeBtn, pane, log, textarea, sendBtn, stopBtn, reply: null, opening: null };
+  const s = { id, chat, title, model, tab, tabItem, tabLabel, closeBtn, pane, log, textarea, sendBtn, stopBtn };
+  s.reply = null; // the running reply: {view, text, index (next token), message (id, once started)}
   sessions.set(id, s);
   dom.tabs.append(tabItem);
   dom.panes.append(pane);
@@ -164,7 +168,8 @@ function addMessage(s, role, text, state = "done") {
   const body = el("div", { class: "body" });
   const status = el("div", { class: "status" });
   const who = { user: "You", assistant: "Assistant", system: "System" }[role] || role;
-  const node = el("article", { class: `msg ${role}`, "data-state": state }, el("div", { class: "who", text: who }), body, status);
+  const heading = el("div", { class: "who", text: who });
+  const node = el("article", { class: `msg ${role}`, "data-state": state }, heading, body, status);
   if (role === "assistant") renderText(body, text);
   else body.textContent = text;
   s.log.append(node);
@@ -204,7 +209,8 @@ async function submit(id) {
   try {
     if (!s.chat) {
       const title = text.trim().split("\n")[0].slice(0, 60);
-      const opened = await conn.request({ type: "open", session: s.id, model: dom.model.value || undefined, title });
+      const model = dom.model.value || undefined;
+      const opened = await conn.request({ type: "open", session: s.id, model, title });
       if (opened.type !== "opened") throw new Error(opened.message || opened.code);
       s.chat = opened.chat;
       s.model = opened.model;
@@ -236,6 +242,8 @@ async function openChat(chatId) {
       return;
     }
   }
+  const blank = sessions.get(active);
+  if (blank && !blank.chat && !blank.reply && !blank.log.hasChildNodes()) closeSession(blank.id);
   const s = newSession({ chat: chatId, title: null });
   try {
     const opened = await conn.request({ type: "open", session: s.id, chat: chatId });
@@ -282,11 +290,17 @@ async function refreshChats() {
       { class: "past-item", "data-chat": c.chat },
       el(
         "button",
-        { class: "past-open", type: "button", title: `${c.messages} messages · ${c.model} · ${when}`, onclick: () => openChat(c.chat) },
+        { class: "past-open", type: "button", title: `${c.model} · ${when}`, onclick: () => openChat(c.chat) },
         el("span", { class: "past-title", text: label }),
         el("span", { class: "past-meta", text: `${c.messages} msgs · ${when}` }),
       ),
-      el("button", { class: "past-delete", type: "button", text: "Delete", "aria-label": `Delete ${label}`, onclick: () => deleteChat(c.chat) }),
+      el("button", {
+        class: "past-delete",
+        type: "button",
+        text: "Delete",
+        "aria-label": `Delete ${label}`,
+        onclick: () => deleteChat(c.chat),
+      }),
     );
   });
   dom.past.replaceChildren(...items);
@@ -339,11 +353,11 @@ function dispatch(frame) {
 }
 
 function setModels(list) {
-  models = list;
   const previous = dom.model.value;
-  const options = list.map((m) =>
-    el("option", { value: m.id, text: m.loaded === false ? `${m.id} (not loaded)` : m.id, selected: previous ? m.id === previous : m.default }),
-  );
+  const options = list.map((m) => {
+    const text = m.loaded === false ? `${m.id} (not loaded)` : m.id;
+    return el("option", { value: m.id, text, selected: previous ? m.id === previous : m.default });
+  });
   dom.model.replaceChildren(...options);
 }
 

@@ -186,6 +186,8 @@ async def test_markup_in_a_reply_or_title_shows_as_text(server: ChatServer, new_
     await expect(body.locator(".prose").first).to_have_text(f"Here: {XSS}")
     await expect(body.locator("pre.code code")).to_have_text(XSS)
     assert await page.evaluate("() => window.__xss") is None
+    ARTIFACTS.mkdir(exist_ok=True)
+    await page.screenshot(path=str(ARTIFACTS / "markup-as-text.png"))
     assert await page.locator("body img, body script, #panes iframe").count() == 0
 
 
