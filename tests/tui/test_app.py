@@ -116,7 +116,6 @@ async def test_reopening_a_past_chat_shows_history_and_continues(server: ChatSer
         history = await stored(server, chat)
         assert [m["role"] for m in history] == ["user", "assistant", "user", "assistant"]
         assert shown(pane) == [(m["role"], m["text"]) for m in history]
-        assert pane.status.cached_tokens > 0  # the session reused the KV cache of its own turn?
 
 
 async def test_reconnect_reattaches_a_running_reply(
