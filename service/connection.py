@@ -19,7 +19,14 @@ from websockets.exceptions import ConnectionClosed
 from service.engine.engine import Engine
 from service.engine.tokenizer import ChatMessage
 from service.engine.types import SamplingParams
-from service.errors import ContextOverflow, ModelError, QueueFull, StoreUnavailable, WriteBacklogFull
+from service.errors import (
+    ChatGone,
+    ContextOverflow,
+    ModelError,
+    QueueFull,
+    StoreUnavailable,
+    WriteBacklogFull,
+)
 from service.generation import Generation, Sink
 from service.metrics import CancelCause
 from service.outbox import Outbox, OutboxClosed
@@ -298,6 +305,7 @@ class Connection:
 
     async def _send(self, frame: frames.Send, user: User, received: float) -> None:
         session = self._session(frame.session, frame.id)
+        session.fold_finished()  # a send read before _track ran must still see the last reply
         if session.generating:
             raise ProtocolError(
                 ErrorCode.BUSY, "this session is already generating", id=frame.id, session=session.name
@@ -323,13 +331,18 @@ class Connection:
             )
         offset = common_prefix(session.token_ids, prompt)
         message_id = uuid.uuid4()
-        await self.server.store.begin_turn(
-            session.chat_id,
-            user_text=frame.text,
-            user_token_ids=prompt[offset:],
-            prompt_offset=offset,
-            assistant_id=message_id,
-        )
+        try:
+            await self.server.store.begin_turn(
+                session.chat_id,
+                user_text=frame.text,
+                user_token_ids=prompt[offset:],
+                prompt_offset=offset,
+                assistant_id=message_id,
+            )
+        except ChatGone:
+            raise ProtocolError(
+                ErrorCode.NOT_FOUND, "this session's chat was deleted", id=frame.id, session=session.name
+            ) from None
         session.messages = messages
         session.token_ids = prompt
         try:
@@ -364,13 +377,9 @@ class Connection:
         self._spawn(self._track(session, generation))
 
     async def _track(self, session: Session, generation: Generation) -> None:
-        """Fold the finished reply into the session's conversation."""
         await generation.done.wait()
-        result = generation.result
-        if result is None or session.generation is not generation:
-            return
-        session.messages = [*session.messages, ChatMessage(role="assistant", content=result.text)]
-        session.token_ids = [*generation.prompt_ids, *result.token_ids]
+        if session.generation is generation:
+            session.fold_finished()
 
     def _close_session(self, frame: frames.Close) -> None:
         session = self._session(frame.session, frame.id)

@@ -7,6 +7,7 @@
  ├── ``QueueFull``         the engine's waiting queue is at its bound
  ├── ``UserExists``        ``users add``: a user of that name already holds a live token
  └── ``StoreError``        the history database is unreachable, or refuses or fails a query
+      ├── ``ChatGone``           a write named a chat deleted meanwhile
       └── ``StoreUnavailable``  the database cannot be reached now (retrying may succeed)
            └── ``WriteBacklogFull`` too many writes wait for the database to return
 """
@@ -36,6 +37,10 @@ class QueueFull(ServiceError):
 
 class StoreError(ServiceError):
     """The history database cannot be reached, has an unknown schema, or failed a query."""
+
+
+class ChatGone(StoreError):
+    """A write named a chat that no longer exists (deleted while a session had it open)."""
 
 
 class StoreUnavailable(StoreError):

@@ -42,6 +42,15 @@ class Session:
     def key(self) -> ChatKey:
         return chat_key(self.user_id, self.chat_id)
 
+    def fold_finished(self) -> None:
+        """Make a finished reply part of the conversation (once), and free the session."""
+        generation = self.generation
+        if generation is None or not generation.done.is_set() or generation.result is None:
+            return
+        self.messages = [*self.messages, ChatMessage(role="assistant", content=generation.result.text)]
+        self.token_ids = [*generation.prompt_ids, *generation.result.token_ids]
+        self.generation = None
+
     @property
     def generating(self) -> bool:
         return self.generation is not None and not self.generation.done.is_set()

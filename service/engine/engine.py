@@ -310,7 +310,12 @@ class Engine:
     def _accept(
         self, seq: Sequence, logits: np.ndarray, events: list[tuple[GenerationStream, _Event]]
     ) -> None:
-        delta = seq.accept(logits)
+        try:
+            delta = seq.accept(logits)
+        except Exception as exc:  # sampling or detokenizing failed: end this generation only
+            log.exception("generation %s failed after the model run", seq.id)
+            self._finish(seq, FinishReason.ERROR, f"sampling failed: {exc}", events)
+            return
         self.stats.generated_tokens += 1
         stream = self._streams[seq.id]
         if delta is not None:
@@ -333,6 +338,8 @@ class Engine:
         if seq.entry is not None:
             self._release(self._kv.release(seq.entry))
         stream = self._streams.pop(seq.id)
+        if (tail := seq.silent_tail()) is not None:
+            events.append((stream, tail))
         events.append((stream, seq.result()))
 
     def _place_decoders(self) -> None:

@@ -51,6 +51,9 @@ class Sampler:
         return pick if ids is None else int(ids[pick])
 
 
+_LOWEST = float(np.finfo(np.float32).min)
+
+
 def _penalize(
     logits: npt.NDArray[np.float32], previous_ids: Sequence[int], penalty: float
 ) -> npt.NDArray[np.float32]:
@@ -58,7 +61,10 @@ def _penalize(
     out = logits.copy()
     seen = np.asarray(previous_ids, dtype=np.intp)  # repeats are harmless: each gets the same value
     values = out[seen]
-    out[seen] = np.where(values > 0, values / penalty, values * penalty)
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        out[seen] = np.where(values > 0, values / penalty, values * penalty)
+    # An extreme penalty overflows float32: keep the order, drop the infinities.
+    np.nan_to_num(out, copy=False, nan=_LOWEST, posinf=-_LOWEST, neginf=_LOWEST)
     return out
 
 
@@ -68,8 +74,11 @@ def _softmax(x: npt.NDArray[np.float64], temperature: float) -> npt.NDArray[np.f
     In place because a fresh vocabulary-sized temporary can cost more (page faults on
     newly mapped memory) than the arithmetic itself.
     """
-    x /= temperature
-    x -= x.max()
+    x -= x.max()  # first: a tiny temperature then scales values <= 0, never overflowing to inf - inf
+    with np.errstate(
+        over="ignore", divide="ignore"
+    ):  # to -inf, whose exp is 0: what a tiny temperature means
+        x /= temperature
     np.exp(x, out=x)
     x /= x.sum()
     return x

@@ -81,11 +81,22 @@ class Sequence:
         elif final:
             text += self.stop.flush()
         covered = len(self.generated) - self.emitted_tokens
-        if not text:
+        if not text and not ((final or stopped) and covered):
             return None
         delta = Delta(index=self.emitted_tokens, text=text, tokens=covered)
         self.emitted_tokens = len(self.generated)
         self.text.append(text)
+        return delta
+
+    def silent_tail(self) -> Delta | None:
+        """A text-less delta for generated tokens no delta covers yet (bytes or a stop-string
+        prefix held back when a generation is cancelled), so that the deltas of every
+        generation account for all of its tokens."""
+        covered = len(self.generated) - self.emitted_tokens
+        if covered <= 0:
+            return None
+        delta = Delta(index=self.emitted_tokens, text="", tokens=covered)
+        self.emitted_tokens = len(self.generated)
         return delta
 
     def finish(self, reason: FinishReason, error: str | None = None) -> None:

@@ -57,7 +57,9 @@ class SamplingParams:
 @dataclass(frozen=True, slots=True)
 class Delta:
     """New text of one generation. ``tokens`` counts the generated tokens it covers
-    (more than one when bytes of a multi-byte character were held back)."""
+    (more than one when bytes of a multi-byte character were held back). The deltas of a
+    generation cover every generated token once: tokens without text (end of sequence, a
+    stop string, a character cut off) come in a last delta whose text may be empty."""
 
     index: int  # position of the first generated token this delta covers
     text: str

@@ -135,6 +135,8 @@ def _params(params: dict[str, Any], reader: _Reader) -> frames.Params:
         stop = [stop]
     if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
         raise reader.fail("params.stop must be a list of strings", ErrorCode.BAD_PARAMS)
+    if stop is not None and any("\x00" in s for s in stop):
+        raise reader.fail("params.stop strings must not contain NUL", ErrorCode.BAD_PARAMS)
     return frames.Params(
         max_tokens=_integer(params, "max_tokens", reader),
         temperature=_number(params, "temperature", reader),

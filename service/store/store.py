@@ -24,7 +24,7 @@ from uuid import UUID
 import asyncpg
 import orjson
 
-from service.errors import StoreError, UserExists
+from service.errors import ChatGone, StoreError, UserExists
 from service.store.migrations import apply_migrations, load_migrations
 from service.store.records import (
     FINISHED_STATUSES,
@@ -374,7 +374,7 @@ class Store:
                     created_at,
                 )
             except asyncpg.ForeignKeyViolationError as exc:
-                raise StoreError(f"chat {chat_id} does not exist (deleted meanwhile?)") from exc
+                raise ChatGone(f"chat {chat_id} does not exist (deleted meanwhile?)") from exc
             if row is None:  # stored already (a replay)
                 row = await conn.fetchrow(
                     f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = $1 AND chat_id = $2",

@@ -112,3 +112,20 @@ def test_nucleus_matches_full_sort() -> None:
             order = np.argsort(-probs, kind="stable")
             keep = int(np.searchsorted(np.cumsum(probs[order]), top_p)) + 1
             assert set(_nucleus(probs, top_p).tolist()) == set(order[:keep].tolist())
+
+
+def test_extreme_but_valid_params_still_pick_a_token() -> None:
+    """A temperature or repetition penalty at the edge of the valid range (logits overflowing
+    float32) still picks the most likely token instead of failing on NaN."""
+    logits = np.linspace(-3.0, 3.0, 50_000, dtype=np.float32)
+    best = int(np.argmax(logits))
+    for params in (
+        SamplingParams(temperature=1e-310, seed=1),
+        SamplingParams(temperature=1.0, repetition_penalty=1e-40, seed=1),
+        SamplingParams(temperature=1e-6, repetition_penalty=1e-40, top_p=0.5, top_k=10, seed=1),
+        SamplingParams(temperature=5e-324, repetition_penalty=5e-324, seed=1),
+    ):
+        params.validate()
+        choice = Sampler(params).sample(logits, [best - 1, 7])
+        assert 0 <= choice < logits.size
+        assert logits[choice] > 2.9, params
