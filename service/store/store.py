@@ -359,6 +359,9 @@ class Store:
         """
         user_message_id = user_message_id or uuid.uuid4()
         async with self._connection() as conn, conn.transaction():
+            # The chat row first: a concurrent delete then waits for this turn (or this turn for
+            # it) instead of the two taking row locks in opposite orders (a deadlock).
+            await conn.execute("SELECT 1 FROM chats WHERE id = $1 FOR NO KEY UPDATE", chat_id)
             try:
                 row = await conn.fetchrow(
                     "INSERT INTO messages"
@@ -406,7 +409,13 @@ class Store:
         """
         if completion.status not in FINISHED_STATUSES:
             raise ValueError(f"a generation cannot end with status {completion.status!r}")
-        async with self._connection() as conn:
+        async with self._connection() as conn, conn.transaction():
+            # The chat row first, as begin_turn and a cascading delete take it (no deadlock).
+            await conn.execute(
+                "SELECT 1 FROM chats WHERE id = (SELECT chat_id FROM messages WHERE id = $1)"
+                " FOR NO KEY UPDATE",
+                message_id,
+            )
             await conn.execute(
                 """
                 WITH finished AS (
