@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import math
 import sys
 import tempfile
 import time
@@ -31,9 +30,6 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
-
-import orjson
-from websockets.asyncio.client import ClientConnection, connect
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # run as a script: python bench/load.py
@@ -47,9 +43,11 @@ from bench.common import (  # noqa: E402
     median,
     onnxruntime_version,
     peak_rss_mb,
+    percentile,
     timestamp,
     write_json,
 )
+from bench.ws_client import SessionClient  # noqa: E402
 from service import connection as connection_module  # noqa: E402
 from service.app import running_service  # noqa: E402
 from service.config import EngineSettings, ServerSettings, ServiceSettings  # noqa: E402
@@ -91,38 +89,8 @@ class Reply:
         return "".join(frame["text"] for _, frame in self.frames)
 
 
-class LoadClient:
-    """One connection: frames of its sessions go to per-session queues, stamped on receipt."""
-
-    def __init__(self, ws: ClientConnection) -> None:
-        self.ws = ws
-        self.received = 0
-        self.sent = 0
-        self.queues: dict[str, asyncio.Queue[tuple[float, dict[str, Any]]]] = {}
-        self._reader = asyncio.create_task(self._read())
-
-    @classmethod
-    async def connect(cls, url: str) -> LoadClient:
-        client = cls(await connect(url, subprotocols=["chat.v1"], max_size=None))  # type: ignore[list-item]
-        await client.request("", {"type": "hello"})
-        return client
-
-    async def _read(self) -> None:
-        async for raw in self.ws:
-            at = time.perf_counter()
-            frame = orjson.loads(raw)
-            self.received += 1
-            self.queues.setdefault(frame.get("session", ""), asyncio.Queue()).put_nowait((at, frame))
-
-    async def send(self, frame: dict[str, Any]) -> None:
-        self.sent += 1
-        await self.ws.send(orjson.dumps(frame).decode())
-
-    async def next(self, session: str) -> tuple[float, dict[str, Any]]:
-        at, frame = await self.queues.setdefault(session, asyncio.Queue()).get()
-        if frame["type"] == "error":
-            raise RuntimeError(f"server error: {frame}")
-        return at, frame
+class LoadClient(SessionClient):
+    """One connection of the load: turns of its sessions, and chat histories."""
 
     async def request(self, session: str, frame: dict[str, Any]) -> dict[str, Any]:
         """Send a frame and return the next frame of its session (the reply)."""
@@ -150,10 +118,6 @@ class LoadClient:
         assert (frame["type"], frame["chat"]) == ("history", chat), frame
         messages: list[dict[str, Any]] = frame["messages"]
         return messages
-
-    async def close(self) -> None:
-        await self.ws.close()
-        await self._reader
 
 
 async def run_connection(
@@ -209,13 +173,6 @@ def check(reply: Reply, stored: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "completion_tokens": completion,
         "reason": reply.done["reason"],
     }
-
-
-def percentile(sorted_values: list[float], q: float) -> float | None:
-    """Nearest-rank percentile."""
-    if not sorted_values:
-        return None
-    return sorted_values[min(len(sorted_values) - 1, math.ceil(q * len(sorted_values)) - 1)]
 
 
 async def measure(url: str, args: argparse.Namespace) -> dict[str, Any]:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import math
 import os
 import re
 import signal
@@ -36,9 +35,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import orjson
-from websockets.asyncio.client import ClientConnection, connect
-
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # run as a script: python bench/service.py
     sys.path.insert(0, str(REPO_ROOT))
@@ -51,11 +47,13 @@ from bench.common import (  # noqa: E402
     median,
     onnxruntime_version,
     peak_rss_mb,
+    percentile,
     ratio,
     timestamp,
     write_json,
 )
 from bench.engine import LONG_REQUEST, SYSTEM, greedy  # noqa: E402
+from bench.ws_client import SessionClient  # noqa: E402
 from service.config import EngineSettings  # noqa: E402
 from service.engine.engine import Engine  # noqa: E402
 from service.engine.loader import load_engine  # noqa: E402
@@ -76,38 +74,16 @@ def rate(stamps: list[tuple[float, int]]) -> float | None:
     return sum(n for _, n in stamps[1:]) / (stamps[-1][0] - stamps[0][0])
 
 
-class BenchClient:
-    """A bare chat.v1 client: frames of all sessions go to per-session queues."""
-
-    def __init__(self, ws: ClientConnection) -> None:
-        self.ws = ws
-        self.queues: dict[str, asyncio.Queue[tuple[float, dict[str, Any]]]] = {}
-        self._reader = asyncio.create_task(self._read())
+class BenchClient(SessionClient):
+    """Sessions ``s0``..``sN-1`` of one connection, each a chat with the benchmark's system prompt."""
 
     @classmethod
     async def open(cls, url: str, sessions: int) -> BenchClient:
-        client = cls(await connect(url, subprotocols=["chat.v1"], max_size=None))  # type: ignore[list-item]
-        await client.send({"type": "hello"})
-        await client.frame("")
+        client = await cls.connect(url)
         for i in range(sessions):
             await client.send({"type": "open", "session": f"s{i}", "system": SYSTEM})
-            await client.frame(f"s{i}")
+            await client.next(f"s{i}")
         return client
-
-    async def _read(self) -> None:
-        async for raw in self.ws:
-            at = time.perf_counter()
-            frame = orjson.loads(raw)
-            self.queues.setdefault(frame.get("session", ""), asyncio.Queue()).put_nowait((at, frame))
-
-    async def send(self, frame: dict[str, Any]) -> None:
-        await self.ws.send(orjson.dumps(frame).decode())
-
-    async def frame(self, session: str) -> tuple[float, dict[str, Any]]:
-        at, frame = await self.queues.setdefault(session, asyncio.Queue()).get()
-        if frame["type"] == "error":
-            raise RuntimeError(f"server error: {frame}")
-        return at, frame
 
     async def generate(self, session: str, max_tokens: int) -> tuple[list[tuple[float, int]], dict[str, Any]]:
         """One greedy reply: (arrival, tokens) per token frame, and the ``done`` frame."""
@@ -115,7 +91,7 @@ class BenchClient:
         await self.send({"type": "send", "session": session, "text": LONG_REQUEST, "params": params})
         stamps: list[tuple[float, int]] = []
         while True:
-            at, frame = await self.frame(session)
+            at, frame = await self.next(session)
             if frame["type"] == "token":
                 stamps.append((at, frame.get("tokens", 1)))
             elif frame["type"] == "done":
@@ -126,12 +102,12 @@ class BenchClient:
         await self.send({"type": "send", "session": session, "text": LONG_REQUEST, "params": params})
         tokens = 0
         while tokens < STOP_AFTER_TOKENS:
-            _, frame = await self.frame(session)
+            _, frame = await self.next(session)
             tokens += frame["type"] == "token"
         sent = time.perf_counter()
         await self.send({"type": "stop", "session": session})
         while True:
-            at, frame = await self.frame(session)
+            at, frame = await self.next(session)
             if frame["type"] == "done":
                 assert frame["reason"] == "cancelled", frame
                 return (at - sent) * 1000
@@ -140,13 +116,9 @@ class BenchClient:
         """Close and open each session again, under a new chat."""
         for session in sessions:
             await self.send({"type": "close", "session": session})
-            await self.frame(session)
+            await self.next(session)
             await self.send({"type": "open", "session": session, "system": SYSTEM})
-            await self.frame(session)
-
-    async def close(self) -> None:
-        await self.ws.close()
-        await self._reader
+            await self.next(session)
 
 
 def _engine_busy(metrics_url: str) -> bool:
@@ -218,13 +190,6 @@ async def measure(url: str, engine: Engine, args: argparse.Namespace) -> dict[st
         "raw": raw,
         "engine_stats": asdict(engine.stats),
     }
-
-
-def percentile(sorted_values: list[float], q: float) -> float | None:
-    """Nearest-rank percentile."""
-    if not sorted_values:
-        return None
-    return sorted_values[min(len(sorted_values) - 1, math.ceil(q * len(sorted_values)) - 1)]
 
 
 @asynccontextmanager
