@@ -20,6 +20,7 @@ from service.engine.models.onnx_builder import Precision
 from service.engine.models.prepare import prepare_gguf
 from service.engine.models.registry import PreparedModel, describe_dir, parse_model_arg, resolve
 from tests.engine.tiny_model import write_tiny_gguf
+from tests.engine_gate import engine_gate  # noqa: F401  (a fixture for every test)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CACHE_DIR = REPO_ROOT / ".cache"

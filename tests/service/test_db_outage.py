@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import threading
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
-import numpy as np
 import orjson
 import pytest
 
@@ -20,6 +18,7 @@ from service.engine.types import GenerationResult
 from service.generation import Generation
 from service.server import ChatServer
 from service.store.durable import DurableStore
+from tests.engine_gate import GateFactory
 from tests.private_postgres import PrivatePostgres, private_postgres
 from tests.service.client import TIMEOUT_S, Client, Frame
 from tests.service.test_http import get
@@ -38,47 +37,6 @@ async def pg() -> AsyncIterator[PrivatePostgres]:
 def service_settings(service_settings: ServiceSettings, pg: PrivatePostgres) -> ServiceSettings:
     """The shared service settings, on the private PostgreSQL."""
     return dataclasses.replace(service_settings, database_url=pg.dsn)
-
-
-@dataclasses.dataclass
-class EngineGate:
-    """Holds the engine before a model run once ``allowed`` runs have passed (None: never)."""
-
-    allowed: int | None = None
-    runs: int = 0
-    _open: threading.Event = dataclasses.field(default_factory=threading.Event)
-
-    def hold_after(self, runs: int) -> None:
-        self.allowed = self.runs + runs
-        self._open.clear()
-
-    def release(self) -> None:
-        self.allowed = None
-        self._open.set()
-
-    def passing(self) -> None:
-        self.runs += 1
-        if self.allowed is not None and self.runs > self.allowed:
-            self._open.wait(TIMEOUT_S)
-
-
-@pytest.fixture
-def engine_gate(monkeypatch: pytest.MonkeyPatch, server: ChatServer) -> Iterator[EngineGate]:
-    """Lets a test keep a generation deterministically mid-stream for as long as it needs."""
-    gate = EngineGate()
-    gate.release()
-    for engine in server.models.loaded():
-        forward = engine.runner.forward
-
-        def gated(*args: Any, _forward: Callable[..., np.ndarray] = forward) -> np.ndarray:
-            gate.passing()
-            return _forward(*args)
-
-        monkeypatch.setattr(engine.runner, "forward", gated)
-    try:
-        yield gate
-    finally:
-        gate.release()
 
 
 @pytest.fixture
@@ -124,7 +82,7 @@ async def test_postgres_killed_and_restarted_mid_stream_loses_no_reply(
     server: ChatServer,
     client: Client,
     pg: PrivatePostgres,
-    engine_gate: EngineGate,
+    engine_gate: GateFactory,
     finished: dict[str, tuple[list[int], GenerationResult]],
 ) -> None:
     """Kill PostgreSQL while a reply streams: it streams on to ``done``; /readyz is 503; a send on
@@ -134,7 +92,8 @@ async def test_postgres_killed_and_restarted_mid_stream_loses_no_reply(
     assert isinstance(store, DurableStore)
     chats = {"a": (await client.open("a"))["chat"], "b": (await client.open("b"))["chat"]}
 
-    engine_gate.hold_after(8)  # prefill + 7 decode steps, then the engine waits: "a" is mid-stream
+    gate = engine_gate(server)
+    gate.hold(8)  # prefill + 7 decode steps, then the engine waits: "a" is mid-stream
     a_started = await client.start("a", "Tell me a long story about a lighthouse.", **LONG)
     await client.wait_for(lambda f: f.get("session") == "a" and f["type"] == "token")
     assert uuid.UUID(a_started["message"]) in server._generations  # still generating
@@ -142,7 +101,7 @@ async def test_postgres_killed_and_restarted_mid_stream_loses_no_reply(
     status, ready = await _readyz(server)
     assert status == 503, ready
     assert "database" in ready["reason"], ready
-    engine_gate.release()
+    gate.release()
     a_done = await client.finish("a", a_started)
     assert a_done.done["reason"] in ("stop", "length")
 

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
 
 import pytest
 from textual.pilot import Pilot
 
 from service.protocol import frames
 from service.server import ChatServer
+from tests.engine_gate import EngineGate
 from tests.service.client import TIMEOUT_S, Client
 from tests.service.conftest import ws_url
 from tui_client.app import ChatApp
@@ -26,38 +23,9 @@ SHORT = {"temperature": 0.0, "max_tokens": 8}
 SIZE = (110, 36)
 
 
-@dataclass
-class EngineGate:
-    """Paces the service's model runs (they run in the engine's thread): ``step_s`` per run
-    makes a reply take long enough to act on mid-stream; ``hold`` stops the engine before its
-    next run until ``release``, so a generation stays running for as long as a test needs."""
-
-    step_s: float = 0.0
-    _open: threading.Event = field(default_factory=threading.Event)
-
-    def hold(self) -> None:
-        self._open.clear()
-
-    def release(self) -> None:
-        self._open.set()
-
-    def passing(self) -> None:
-        self._open.wait(TIMEOUT_S)
-        if self.step_s:
-            time.sleep(self.step_s)
-
-
 def gate_engine(monkeypatch: pytest.MonkeyPatch, server: ChatServer, step_s: float = 0.0) -> EngineGate:
     gate = EngineGate(step_s)
-    gate.release()
-    for engine in server.models.loaded():
-        forward = engine.runner.forward
-
-        def gated(*args: Any, _forward: Callable[..., Any] = forward) -> Any:
-            gate.passing()
-            return _forward(*args)
-
-        monkeypatch.setattr(engine.runner, "forward", gated)
+    gate.install(server, monkeypatch)
     return gate
 
 

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 from playwright.async_api import Browser, ConsoleMessage, Page, async_playwright
 
@@ -71,57 +69,3 @@ async def new_page(browser: Browser) -> AsyncIterator[Callable[..., Any]]:
     for context in contexts:
         await context.close()
     assert not problems, "\n".join(problems)
-
-
-class EngineGate:
-    """Holds the engine before its model runs: ``hold(n)`` lets ``n`` more runs through, then blocks
-    (a prefill is one run, each decoded token one more); ``release()`` lets everything through. A
-    reply stays mid-stream, deterministically, for as long as a test needs."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._permits: int | None = None  # None: open
-
-    def hold(self, runs: int = 0) -> None:
-        with self._cond:
-            self._permits = runs
-            self._cond.notify_all()
-
-    def release(self) -> None:
-        with self._cond:
-            self._permits = None
-            self._cond.notify_all()
-
-    def wait(self) -> None:
-        with self._cond:
-            self._cond.wait_for(lambda: self._permits != 0)
-            if self._permits is not None:
-                self._permits -= 1
-
-    def install(self, service: ChatServer, monkeypatch: pytest.MonkeyPatch) -> None:
-        for engine in service.models.loaded():
-
-            def gated(*args: Any, _forward: Callable[..., np.ndarray] = engine.runner.forward) -> np.ndarray:
-                self.wait()
-                return _forward(*args)
-
-            monkeypatch.setattr(engine.runner, "forward", gated)
-
-
-@pytest.fixture
-def engine_gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[ChatServer], EngineGate]]:
-    """``engine_gate(server)``: an :class:`EngineGate` on that server's engines, released at teardown
-    (a test that starts its own service releases it before stopping the service)."""
-    gates: list[EngineGate] = []
-
-    def install(service: ChatServer) -> EngineGate:
-        gate = EngineGate()
-        gate.install(service, monkeypatch)
-        gates.append(gate)
-        return gate
-
-    try:
-        yield install
-    finally:
-        for gate in gates:
-            gate.release()

@@ -13,11 +13,11 @@ from playwright.async_api import Locator, Page, expect
 
 from service.server import ChatServer
 from service.store.records import Completion, token_hash
+from tests.engine_gate import GateFactory
 from tests.service.conftest import ServiceFactory
-from tests.web.conftest import ARTIFACTS, EngineGate
+from tests.web.conftest import ARTIFACTS
 
 NewPage = Callable[..., Any]
-GateFactory = Callable[[ChatServer], EngineGate]
 DONE_STATUS = re.compile(r"^\d+ tokens · \d+\.\d tok/s")
 
 
@@ -94,6 +94,8 @@ async def test_two_chats_stream_at_once(
     await page.get_by_role("button", name="New chat", exact=True).click()
     second = await send(page, "Second chat")
     await expect(page.get_by_role("tab")).to_have_count(2)
+    # Both generations must be in the engine before it runs: else the first may use all 40 runs.
+    await server.wait_until(lambda: server.generation_count == 2)
     gate.hold(40)
     await mid_stream(first)
     await mid_stream(second)

@@ -1,0 +1,76 @@
+"""Holding the engine between model runs, so a test can keep a reply mid-stream deterministically."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+from service.server import ChatServer
+
+# Longer than any test waits: a gate left closed by a failing test cannot hang the suite.
+_MAX_HOLD_S = 60.0
+
+
+class EngineGate:
+    """Holds the engine before its model runs: ``hold(n)`` lets ``n`` more runs through, then blocks
+    (a prefill is one run, each decoded token one more); ``release()`` lets everything through.
+    ``step_s`` paces every run, so that a reply lasts long enough for a user to act mid-stream."""
+
+    def __init__(self, step_s: float = 0.0) -> None:
+        self._cond = threading.Condition()
+        self._permits: int | None = None  # None: open
+        self.step_s = step_s
+
+    def hold(self, runs: int = 0) -> None:
+        with self._cond:
+            self._permits = runs
+            self._cond.notify_all()
+
+    def release(self) -> None:
+        with self._cond:
+            self._permits = None
+            self._cond.notify_all()
+
+    def wait(self) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: self._permits != 0, timeout=_MAX_HOLD_S)
+            if self._permits:
+                self._permits -= 1
+        if self.step_s:
+            time.sleep(self.step_s)
+
+    def install(self, service: ChatServer, monkeypatch: pytest.MonkeyPatch) -> None:
+        for engine in service.models.loaded():
+
+            def gated(*args: Any, _forward: Callable[..., np.ndarray] = engine.runner.forward) -> np.ndarray:
+                self.wait()
+                return _forward(*args)
+
+            monkeypatch.setattr(engine.runner, "forward", gated)
+
+
+GateFactory = Callable[[ChatServer], EngineGate]
+
+
+@pytest.fixture
+def engine_gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[GateFactory]:
+    """``engine_gate(server)``: an :class:`EngineGate` on that server's engines, released at teardown
+    (a test that starts its own service releases it before stopping the service)."""
+    gates: list[EngineGate] = []
+
+    def install(service: ChatServer) -> EngineGate:
+        gate = EngineGate()
+        gate.install(service, monkeypatch)
+        gates.append(gate)
+        return gate
+
+    try:
+        yield install
+    finally:
+        for gate in gates:
+            gate.release()
