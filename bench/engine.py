@@ -8,8 +8,12 @@ told, the test suite's cache):
 
 * single-generation decode rate and prefill time (TTFT of an uncached ~200-token chat
   prompt), ours and ``onnxruntime_genai``'s ``Generator``, alternating A B A B so that a
-  noisy machine hurts both alike; medians of ``--rounds``;
-* aggregate throughput of 1, 2, 4 and 8 concurrent generations;
+  noisy machine hurts both alike; medians of ``--rounds``. A third column, our runner
+  driven by a bare Python loop (no engine), splits the difference into what the engine
+  costs and what the runtimes differ by;
+* aggregate throughput of 1, 2, 4 and 8 concurrent chats: their first turns (cold
+  ~200-token prompts), then their follow-up turns (history cached, as the service keeps
+  it), each turn's prefill included;
 * time to first token of the 5th turn of a conversation, served from the chat's cache
   versus recomputed under a fresh chat.
 
@@ -26,6 +30,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # run as a script: python bench/engine.py
@@ -50,10 +56,12 @@ from service.engine.engine import Engine, GenerationStream  # noqa: E402
 from service.engine.loader import load_engine  # noqa: E402
 from service.engine.models.onnx_builder import Precision  # noqa: E402
 from service.engine.models.registry import PreparedModel, parse_model_arg, resolve  # noqa: E402
+from service.engine.runner import Runner  # noqa: E402
 from service.engine.tokenizer import ChatMessage  # noqa: E402
 from service.engine.types import ChatKey, GenerationResult, SamplingParams  # noqa: E402
 
 CONCURRENCY = (1, 2, 4, 8)
+PROMPT_ROOM = 256  # positions the bare runner keeps for the prompt
 TURN_REPLY_TOKENS = 64
 
 # Targets: decode at least as fast as onnxruntime-genai; 8 concurrent chats give at least
@@ -75,6 +83,10 @@ LONG_REQUEST = (
     "machines, commercial yeast in the nineteenth century, and the sliced loaf of the twentieth century. "
     "Finish with today's revival of sourdough and home baking, and explain step by step how a beginner "
     "could bake a simple loaf at home this weekend."
+)
+FOLLOW_UP = (
+    "Thank you. Now pick the single most important step for a beginner and explain it in detail, "
+    "with the mistakes people usually make and how to avoid them."
 )
 CONVERSATION = (
     "I'm planning a ten-day trip to Japan in April. Which cities would you suggest for a first visit?",
@@ -138,6 +150,26 @@ class OgBaseline:
         return Run(ttft_ms=(first - start) * 1000, tok_s=rate, tokens=tokens)
 
 
+# ---- our runner without the engine ----------------------------------------------------------
+
+
+def bare_decode(runner: Runner, prompt: list[int], max_tokens: int) -> Run:
+    """Greedy with our runner in a plain loop, as og's loop drives its generator: no engine,
+    no scheduler, no streaming. The gap to og is the runtimes'; the gap to ours, the engine's."""
+    start = time.perf_counter()
+    logits = runner.forward(0, np.asarray([prompt], dtype=np.int64), [0])
+    token = int(np.argmax(logits[0]))
+    first = time.perf_counter()
+    tokens, position = 1, len(prompt)
+    while tokens < max_tokens:
+        logits = runner.forward(0, np.asarray([[token]], dtype=np.int64), [position])
+        token = int(np.argmax(logits[0]))
+        tokens += 1
+        position += 1
+    end = time.perf_counter()
+    return Run(ttft_ms=(first - start) * 1000, tok_s=(tokens - 1) / (end - first), tokens=tokens)
+
+
 # ---- our engine ------------------------------------------------------------------------------
 
 
@@ -171,9 +203,15 @@ class Concurrent:
     tokens: int
 
 
-async def concurrent(engine: Engine, tag: str, prompt: list[int], n: int, max_tokens: int) -> Concurrent:
+async def concurrent(
+    engine: Engine, tag: str, prompts: list[list[int]], max_tokens: int
+) -> tuple[Concurrent, list[GenerationResult]]:
+    """Submit one generation per prompt at once (chat ``tag-i`` for prompt i); wait for all."""
+    n = len(prompts)
     start = time.perf_counter()
-    streams = [engine.submit(ChatKey(f"{tag}-{i}"), prompt, greedy(max_tokens)) for i in range(n)]
+    streams = [
+        engine.submit(ChatKey(f"{tag}-{i}"), prompt, greedy(max_tokens)) for i, prompt in enumerate(prompts)
+    ]
     drained = await asyncio.gather(*(_drain(s) for s in streams))
     end = time.perf_counter()
     await engine.wait_idle()
@@ -191,12 +229,37 @@ async def concurrent(engine: Engine, tag: str, prompt: list[int], n: int, max_to
         in_window = sum(count for m in marks for at, count in m if window_start < at <= window_end)
         if window_end > window_start and in_window:
             decode_rate = in_window / (window_end - window_start)
-    return Concurrent(
+    measured = Concurrent(
         tok_s=tokens / (end - start),
         decode_tok_s=decode_rate,
         max_ttft_ms=max(r.ttft_ms or 0.0 for r in results),
         tokens=tokens,
     )
+    return measured, results
+
+
+async def two_turns(engine: Engine, tag: str, n: int, max_tokens: int) -> tuple[Concurrent, Concurrent, int]:
+    """``n`` chats take their first turn at once (cold prompts), then their follow-up turn at
+    once (each chat's history cached and settled, as between a user's turns). Returns both
+    measurements and the follow-up prompt's new tokens (what its prefill computes)."""
+    tokenizer = engine.tokenizer
+    messages: list[ChatMessage] = [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": LONG_REQUEST},
+    ]
+    prompt = tokenizer.prompt_ids(messages)
+    first, replies = await concurrent(engine, tag, [prompt] * n, max_tokens)
+    follow_ups = []
+    for reply in replies:
+        turn: list[ChatMessage] = [
+            *messages,
+            {"role": "assistant", "content": reply.text},
+            {"role": "user", "content": FOLLOW_UP},
+        ]
+        follow_ups.append(tokenizer.next_turn_ids(prompt + reply.token_ids, turn))
+    second, results = await concurrent(engine, tag, follow_ups, max_tokens)
+    new_tokens = min(r.prompt_tokens - r.cached_tokens for r in results)
+    return first, second, new_tokens
 
 
 async def fifth_turn_prompt(engine: Engine, chat: str) -> list[int]:
@@ -229,8 +292,11 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     rss_engine = current_rss_mb()
     og_module = import_og()
     og = OgBaseline(og_module, model.directory, args.threads) if og_module is not None and args.og else None
+    bare = Runner(
+        model.model_file, device="cpu", threads=args.threads, slots=1, max_len=PROMPT_ROOM + args.tokens
+    )
     try:
-        return await _measure(args, engine, og, model, rss_engine, began, og_module)
+        return await _measure(args, engine, og, bare, model, rss_engine, began, og_module)
     finally:
         await engine.close()
 
@@ -239,6 +305,7 @@ async def _measure(
     args: argparse.Namespace,
     engine: Engine,
     og: OgBaseline | None,
+    bare: Runner,
     model: PreparedModel,
     rss_engine: float | None,
     began: float,
@@ -252,26 +319,36 @@ async def _measure(
     say = print if args.verbose else (lambda *_: None)
 
     # Warm up both (first runs allocate and pick kernels).
+    if len(prompt) > PROMPT_ROOM:
+        raise SystemExit(f"the benchmark prompt has {len(prompt)} tokens, more than {PROMPT_ROOM}")
     await generate(engine, "warmup", prompt, 8)
+    bare_decode(bare, prompt, 8)
     if og is not None:
         og.generate(prompt, 8)
 
-    # Single stream, alternating ours / og.
+    # Single stream, alternating ours / bare runner / og.
     ours: list[Run] = []
+    bare_runs: list[Run] = []
     theirs: list[Run] = []
     for r in range(rounds):
         ours.append(as_run(await generate(engine, f"single-{r}", prompt, tokens)))
         say(f"ours  round {r}: {ours[-1]}")
+        bare_runs.append(bare_decode(bare, prompt, tokens))
+        say(f"bare  round {r}: {bare_runs[-1]}")
         if og is not None:
             theirs.append(og.generate(prompt, tokens))
             say(f"og    round {r}: {theirs[-1]}")
 
-    # Concurrency sweep, the whole sweep repeated per round.
-    sweep: dict[int, list[Concurrent]] = {n: [] for n in CONCURRENCY}
+    # Concurrency sweep, the whole sweep repeated per round: first turns, then follow-ups.
+    first_turns: dict[int, list[Concurrent]] = {n: [] for n in CONCURRENCY}
+    follow_ups: dict[int, list[Concurrent]] = {n: [] for n in CONCURRENCY}
+    follow_up_new_tokens = 0
     for r in range(rounds):
         for n in CONCURRENCY:
-            sweep[n].append(await concurrent(engine, f"agg-{r}-{n}", prompt, n, tokens))
-            say(f"agg n={n} round {r}: {sweep[n][-1]}")
+            first, second, follow_up_new_tokens = await two_turns(engine, f"agg-{r}-{n}", n, tokens)
+            first_turns[n].append(first)
+            follow_ups[n].append(second)
+            say(f"agg n={n} round {r}: first turns {first}, follow-ups {second}")
 
     # 5th turn: cached versus recomputed under a fresh chat (same ids, cold).
     cached: list[float] = []
@@ -297,7 +374,8 @@ async def _measure(
 
     decode = median(run.tok_s for run in ours)
     og_decode = median(run.tok_s for run in theirs)
-    aggregate = {str(n): median(c.tok_s for c in sweep[n]) for n in CONCURRENCY}
+    aggregate = {str(n): median(c.tok_s for c in first_turns[n]) for n in CONCURRENCY}
+    follow_up = {str(n): median(c.tok_s for c in follow_ups[n]) for n in CONCURRENCY}
     turn5_cached = median(cached)
     turn5_recomputed = median(recomputed)
     decode_vs_og = ratio(decode, og_decode)
@@ -316,6 +394,8 @@ async def _measure(
         "decode_tok_s": decode,
         "prefill_ms": median(run.ttft_ms for run in ours),
         "completion_tokens": median(run.tokens for run in ours),
+        "bare_decode_tok_s": median(run.tok_s for run in bare_runs),
+        "bare_prefill_ms": median(run.ttft_ms for run in bare_runs),
         "og_decode_tok_s": og_decode,
         "og_prefill_ms": median(run.ttft_ms for run in theirs),
         "og_completion_tokens": median(run.tokens for run in theirs),
@@ -325,10 +405,17 @@ async def _measure(
         else ("not installed" if og_module is None else "skipped (--no-og)"),
         "aggregate_tok_s": aggregate,
         "aggregate_decode_tok_s": {
-            str(n): median(_present(c.decode_tok_s for c in sweep[n])) for n in CONCURRENCY
+            str(n): median(_present(c.decode_tok_s for c in first_turns[n])) for n in CONCURRENCY
         },
-        "aggregate_max_ttft_ms": {str(n): median(c.max_ttft_ms for c in sweep[n]) for n in CONCURRENCY},
-        "aggregate_tokens": {str(n): median(c.tokens for c in sweep[n]) for n in CONCURRENCY},
+        "aggregate_max_ttft_ms": {str(n): median(c.max_ttft_ms for c in first_turns[n]) for n in CONCURRENCY},
+        "aggregate_tokens": {str(n): median(c.tokens for c in first_turns[n]) for n in CONCURRENCY},
+        "follow_up_new_tokens": follow_up_new_tokens,
+        "follow_up_tok_s": follow_up,
+        "follow_up_decode_tok_s": {
+            str(n): median(_present(c.decode_tok_s for c in follow_ups[n])) for n in CONCURRENCY
+        },
+        "follow_up_max_ttft_ms": {str(n): median(c.max_ttft_ms for c in follow_ups[n]) for n in CONCURRENCY},
+        "follow_up_8_vs_1": ratio(follow_up["8"], follow_up["1"]),
         "turn5_prompt_tokens": turn5_prompt_tokens,
         "turn5_cached_tokens": median(cached_tokens),
         "turn5_ttft_cached_ms": turn5_cached,
@@ -350,8 +437,10 @@ async def _measure(
         },
         "raw": {
             "ours": [vars_of(run) for run in ours],
+            "bare": [vars_of(run) for run in bare_runs],
             "og": [vars_of(run) for run in theirs],
-            "aggregate": {str(n): [vars_of(c) for c in sweep[n]] for n in CONCURRENCY},
+            "aggregate": {str(n): [vars_of(c) for c in first_turns[n]] for n in CONCURRENCY},
+            "follow_up": {str(n): [vars_of(c) for c in follow_ups[n]] for n in CONCURRENCY},
             "turn5_cached_ms": cached,
             "turn5_recomputed_ms": recomputed,
         },
@@ -400,13 +489,14 @@ def table(data: dict[str, Any]) -> str:
             _verdict(targets["decode_vs_og"]["met"]),
         ],
         ["og_decode_tok_s", fmt(data["og_decode_tok_s"]), "" if og_ran else f"og {data['og_status']}", ""],
+        ["  bare runner loop tok/s", fmt(data["bare_decode_tok_s"]), "our runtime, no engine", ""],
         ["decode_vs_og", fmt(data["decode_vs_og"], 2), f">= {TARGET_DECODE_VS_OG}", ""],
         [f"prefill_ms ({data['prompt_tokens']} tokens)", fmt(data["prefill_ms"]), "", ""],
         ["og_prefill_ms", fmt(data["og_prefill_ms"]), "", ""],
     ]
     for n in CONCURRENCY:
         key = str(n)
-        target = ""
+        target = f"first turns, cold {data['prompt_tokens']}-token prompts" if n == 1 else ""
         met = ""
         if n == 8 and one is not None:
             target = f">= {TARGET_AGGREGATE_8_VS_1} x [1] ({fmt(TARGET_AGGREGATE_8_VS_1 * one)})"
@@ -417,6 +507,16 @@ def table(data: dict[str, Any]) -> str:
         rows.append(
             [f"  steady decode tok/s [{n}]", fmt(agg_decode[key]), f"max TTFT {fmt(agg_ttft[key], 0)} ms", ""]
         )
+    follow = data["follow_up_tok_s"]
+    follow_decode = data["follow_up_decode_tok_s"]
+    for n in CONCURRENCY:
+        key = str(n)
+        note = f"{data['follow_up_new_tokens']} new tokens, history cached" if n == 1 else ""
+        rows.append([f"follow_up_tok_s[{n}]", fmt(follow[key]), note, ""])
+    for n in CONCURRENCY:
+        key = str(n)
+        rows.append([f"  steady decode tok/s [{n}]", fmt(follow_decode[key]), "", ""])
+    rows.append(["follow_up_8_vs_1", fmt(data["follow_up_8_vs_1"], 2), "", ""])
     rows += [
         ["aggregate_8_vs_1", fmt(data["aggregate_8_vs_1"], 2), f">= {TARGET_AGGREGATE_8_VS_1}", ""],
         [
