@@ -114,6 +114,12 @@ class Connection:
         except (ConnectionClosed, _Closed):
             return
 
+    async def end_revoked(self) -> None:
+        """The user's token was revoked while connected: say so, then close with 4401 (the
+        server cancels the user's generations)."""
+        self.outbox.put(frames.error(ErrorCode.UNAUTHENTICATED, "this user's token was revoked"))
+        await self._close(CloseCode.UNAUTHENTICATED, "token revoked")
+
     async def _close(self, code: CloseCode, reason: str) -> None:
         self.outbox.close()
         # The frames queued before the close (`error unauthenticated` before 4401, say) leave
@@ -437,10 +443,12 @@ class Connection:
         chat_id = parse_id(frame.chat)
         before = None if frame.before is None else parse_id(frame.before)
         stored = None
-        if chat_id is not None and (frame.before is None or before is not None):
+        if chat_id is not None:
             stored = await store.messages(user.id, chat_id, limit=frame.limit, before=before)
         if stored is None:
             raise ProtocolError(ErrorCode.NOT_FOUND, "no such chat", id=frame.id)
+        if frame.before is not None and before is None:
+            stored = []  # no message has such an id: nothing is older, as for an unknown message id
         self.outbox.put(frames.history(frame.id, chat=frame.chat, messages=[message_body(m) for m in stored]))
 
     async def _delete(self, frame: frames.Delete, user: User) -> None:

@@ -23,6 +23,7 @@ class CancelCause(StrEnum):
     CLOSE = "close"
     DISCONNECT = "disconnect"
     SHUTDOWN = "shutdown"
+    REVOKED = "revoked"
 
 
 class Metrics:

@@ -10,6 +10,7 @@ connection can reach them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -29,6 +30,7 @@ from service.metrics import CancelCause, Metrics
 from service.model_pool import ModelPool
 from service.protocol import frames
 from service.protocol.frames import PROTOCOL
+from service.revocations import watch_revocations
 from service.session import chat_key
 from service.store.records import Completion, User, parse_id
 from service.store.store import Store
@@ -93,6 +95,7 @@ class ChatServer:
         self._connections: dict[ServerConnection, Connection] = {}
         self._changed = asyncio.Event()  # pulsed when a connection closes or a generation starts
         self._server: Server | None = None
+        self._closing: set[asyncio.Task[None]] = set()  # connections being closed by the server
 
     # ---- serving -------------------------------------------------------------------------
 
@@ -113,9 +116,19 @@ class ChatServer:
             compression=None,
         ) as server:
             self._server = server
+            watch = None
+            if s.auth == "token":
+                watch = asyncio.create_task(
+                    watch_revocations(self.store, self._connected_user_ids, self.end_user_sessions),
+                    name="revocation-watch",
+                )
             try:
                 yield server
             finally:
+                if watch is not None:
+                    watch.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await watch
                 await self.shutdown()
 
     @property
@@ -191,6 +204,21 @@ class ChatServer:
             await asyncio.gather(*(g.done.wait() for g in list(self._generations.values())))
 
     # ---- shared state --------------------------------------------------------------------
+
+    def _connected_user_ids(self) -> set[UUID]:
+        return {c.user.id for c in self._connections.values() if c.user is not None}
+
+    def end_user_sessions(self, user_id: UUID) -> None:
+        """The user's token was revoked: close their connections (4401) and cancel their
+        generations, including those waiting for a reconnect that can no longer happen."""
+        for connection in self._connections.values():
+            if connection.user is not None and connection.user.id == user_id:
+                task = asyncio.create_task(connection.end_revoked())
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
+        for generation in self._generations.values():
+            if generation.user_id == user_id:
+                generation.cancel(CancelCause.REVOKED)
 
     async def authenticate(self, token: str | None) -> User | None:
         if self.settings.server.auth == "none":

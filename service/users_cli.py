@@ -3,8 +3,8 @@
 ``add NAME`` creates a user and prints a new token once, as the last word of the last line; only
 its SHA-256 is stored. Adding a revoked user again issues a new token to the same account (same id,
 same chats): revoke then add is how a token is rotated. Adding a user that holds a live token is
-refused. ``revoke NAME`` makes the token fail at the next ``hello``; connections already
-authenticated keep running until they close (this command is another process than the server).
+refused. ``revoke NAME`` makes the token fail at the next ``hello``, and a running server closes
+that user's open connections (it hears of the revocation through PostgreSQL: service.revocations).
 ``list`` shows names and dates, never tokens. The local user of ``--auth none`` (``local``) has no
 token and cannot be given one: it is never usable with ``--auth token``.
 
@@ -39,7 +39,7 @@ _T = TypeVar("_T")
 _DESCRIPTION: Final = (
     "add NAME creates a user and prints a new token once (the last word of the last line); adding "
     "a revoked user again issues a new token to the same account and chats. revoke NAME makes the "
-    "token fail from the next hello on; open connections run on until they close. list shows "
+    "token fail from the next hello on and closes that user's open connections. list shows "
     "users, never tokens. They reach the server's database: the same --data-dir or --database-url."
 )
 

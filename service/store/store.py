@@ -11,10 +11,11 @@ characters in written text are stored as U+FFFD rather than failing the write.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Collection
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Self, overload
@@ -44,6 +45,9 @@ log = logging.getLogger(__name__)
 # What a lost server, a refused login or a failed statement raise through asyncpg (TimeoutError
 # is an OSError).
 _DATABASE_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
+
+# ``users revoke`` runs in another process than the server: it tells the server through this channel.
+REVOKED_CHANNEL = "localchat_user_revoked"
 
 _MESSAGE_COLUMNS = "id, role, text, status, created_at, token_ids, prompt_offset"
 _CHAT_COLUMNS = "id, user_id, title, model, params, created_at, updated_at"
@@ -194,13 +198,56 @@ class Store:
         ]
 
     async def revoke_user(self, name: str) -> bool:
-        """Mark ``name`` revoked: its token stops working. False when no such user is live."""
-        async with self._connection() as conn:
+        """Mark ``name`` revoked: its token stops working, and a server listening on
+        :data:`REVOKED_CHANNEL` hears the user's id when the revocation commits.
+        False when no such user is live."""
+        async with self._connection() as conn, conn.transaction():
             revoked = await conn.fetchval(
                 "UPDATE users SET revoked_at = now() WHERE name = $1 AND revoked_at IS NULL RETURNING id",
                 name,
             )
+            if revoked is not None:
+                await conn.execute("SELECT pg_notify($1, $2)", REVOKED_CHANNEL, str(revoked))
         return revoked is not None
+
+    async def revoked_among(self, user_ids: Collection[UUID]) -> set[UUID]:
+        """Those of ``user_ids`` that are revoked now."""
+        if not user_ids:
+            return set()
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                "SELECT id FROM users WHERE id = ANY($1::uuid[]) AND revoked_at IS NOT NULL", list(user_ids)
+            )
+        return {row["id"] for row in rows}
+
+    @asynccontextmanager
+    async def listen(self, channel: str, on_payload: Callable[[str], None]) -> AsyncIterator[asyncio.Event]:
+        """Hand every notification on ``channel`` to ``on_payload`` until the block ends.
+
+        Yields an event that is set when the listening connection is lost (the database went
+        away): notifications sent meanwhile are not heard, so a caller listens again and
+        re-reads what it depends on.
+        """
+        lost = asyncio.Event()
+
+        def notified(_conn: object, _pid: int, _channel: str, payload: str) -> None:
+            on_payload(payload)
+
+        try:
+            conn = await self._pool.acquire()
+        except _DATABASE_ERRORS as exc:
+            raise StoreError(f"database error: {exc!r}") from exc
+        try:
+            conn.add_termination_listener(lambda _conn: lost.set())
+            await conn.add_listener(channel, notified)
+            yield lost
+        except _DATABASE_ERRORS as exc:
+            raise StoreError(f"database error: {exc!r}") from exc
+        finally:
+            with contextlib.suppress(*_DATABASE_ERRORS):
+                await conn.remove_listener(channel, notified)
+            with contextlib.suppress(*_DATABASE_ERRORS):
+                await self._pool.release(conn)
 
     async def create_chat(
         self,

@@ -649,9 +649,6 @@ class ConnectionModel:
             return {"pong" if kind == "ping" else kind}
         if kind in ("history", "delete"):
             alive = self.chats.get(frame["chat"].lower(), False) and is_uuid(frame["chat"])
-            before = frame.get("before")
-            if kind == "history" and before is not None and not is_uuid(before):
-                alive = False  # a cursor that is no message id finds nothing
             return {kind if kind == "history" else "deleted"} if alive else {"error:not_found"}
         stop = (frame.get("params") or {}).get("stop", [])
         if any("\x00" in s for s in ([stop] if isinstance(stop, str) else stop)):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import shutil
+import uuid
 from pathlib import Path
 
 from service.app import running_service
@@ -220,6 +221,14 @@ async def test_chats_history_and_delete(client: Client, server: ChatServer) -> N
     assert [c["chat"] for c in page["chats"]] == [ids[0]]
     last = await client.request({"type": "history", "chat": ids[0], "limit": 1})
     assert [m["role"] for m in last["messages"]] == ["assistant"]
+    older = await client.request({"type": "history", "chat": ids[0], "before": last["messages"][0]["id"]})
+    assert [m["role"] for m in older["messages"]] == ["user"]
+    for unknown in (str(uuid.uuid4()), "not-a-message-id"):  # a chat's pages, like the chat list's, end empty
+        page = await client.request({"type": "history", "chat": ids[0], "before": unknown})
+        assert page["type"] == "history", page
+        assert page["messages"] == []
+        listed_before = await client.request({"type": "chats", "before": unknown})
+        assert listed_before["chats"] == []
     deleted = await client.request({"type": "delete", "chat": ids[0]})
     assert deleted["type"] == "deleted"
     assert deleted["chat"] == ids[0]

@@ -5,15 +5,19 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import pytest
 
+from service.protocol.errors import CloseCode
 from service.store.records import LOCAL_USER_NAME
 from service.store.store import Store
+from tests.engine_gate import GateFactory
 from tests.service.client import TIMEOUT_S, Client
 from tests.service.conftest import ServiceFactory, ws_url
+from tests.service.test_errors import expect_close
 
 
 @dataclass
@@ -174,3 +178,38 @@ async def test_a_token_from_the_cli_opens_a_token_server(
         welcome = await client.hello(token=added.token)
         assert welcome["user"]["name"] == "alice"
         await client.close()
+
+
+async def test_revoke_ends_a_connected_users_sessions_at_once(
+    cli: Callable[..., Awaitable[Result]],
+    store: Store,
+    start_service: ServiceFactory,
+    engine_gate: GateFactory,
+) -> None:
+    """``revoke`` (another process) reaches the server through PostgreSQL: the revoked user's
+    connection gets ``unauthenticated`` and close 4401 mid-reply, the reply is stored cancelled,
+    and another user's connection runs on."""
+    alice_token = (await cli("add", "alice")).token
+    bob_token = (await cli("add", "bob")).token
+    async with start_service(auth="token", disconnect_grace_s=60) as server:
+        gate = engine_gate(server)
+        alice = await Client.connect(ws_url(server))
+        alice_id = uuid.UUID((await alice.hello(token=alice_token))["user"]["id"])
+        bob = await Client.connect(ws_url(server))
+        await bob.hello(token=bob_token)
+        chat = uuid.UUID((await alice.open("s"))["chat"])
+        gate.hold(4)  # the prefill and three tokens, then alice's reply waits mid-stream
+        await alice.start("s", "Tell me a long story", temperature=0, max_tokens=200)
+        await alice.wait_for(lambda f: f["type"] == "token")
+
+        assert (await cli("revoke", "alice")).code == 0
+        refusal = await alice.wait_for(lambda f: f["type"] == "error")
+        assert refusal["code"] == "unauthenticated", refusal
+        assert await expect_close(alice) == CloseCode.UNAUTHENTICATED
+        gate.release()
+        await server.idle()  # the grace period does not apply: the reply was cancelled and stored
+        assert (await bob.request({"type": "ping"}))["type"] == "pong"
+        await bob.close()
+    messages = await store.messages(alice_id, chat)
+    assert messages is not None
+    assert [m.status for m in messages if m.role == "assistant"] == ["cancelled"]
