@@ -299,7 +299,9 @@ async function refreshChats() {
         type: "button",
         text: "Delete",
         "aria-label": `Delete ${label}`,
-        onclick: () => deleteChat(c.chat),
+        onclick: () => {
+          if (confirm(`Delete "${label}" and all its messages? This cannot be undone.`)) deleteChat(c.chat);
+        },
       }),
     );
   });

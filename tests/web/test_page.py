@@ -9,7 +9,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from playwright.async_api import Locator, Page, expect
+from playwright.async_api import Dialog, Locator, Page, expect
 
 from service.server import ChatServer
 from service.store.records import Completion, token_hash
@@ -146,7 +146,21 @@ async def reopen_continue_and_delete(server: ChatServer, new_page: NewPage) -> N
     await expect(pane(page).locator(".msg")).to_have_count(4)
     await expect(item.locator(".past-meta")).to_have_text(re.compile("^4 msgs"))
 
-    await item.get_by_role("button", name="Delete Remember the word banana").click()
+    delete = item.get_by_role("button", name="Delete Remember the word banana")
+    asked: list[str] = []
+
+    async def answer(dialog: Dialog, accept: bool) -> None:
+        asked.append(dialog.message)
+        await (dialog.accept() if accept else dialog.dismiss())
+
+    page.once("dialog", lambda dialog: answer(dialog, accept=False))
+    await delete.click()
+    await expect(item).to_have_count(1)  # the user said no: nothing deleted
+    assert len(asked) == 1
+    assert "cannot be undone" in asked[0], asked
+    assert len(await server.store.list_chats(server.local_user.id, limit=10)) == 1
+    page.once("dialog", lambda dialog: answer(dialog, accept=True))
+    await delete.click()
     await expect(page.locator("#past .past-item")).to_have_count(0)
     await expect(page.get_by_role("tab", name="Remember the word banana")).to_have_count(0)
     assert await server.store.list_chats(server.local_user.id, limit=10) == []
