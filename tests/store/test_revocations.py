@@ -12,25 +12,7 @@ import pytest
 from service.revocations import watch_revocations
 from service.store import Store
 from service.store.records import token_hash
-from tests.service.client import TIMEOUT_S
-
-
-class Heard:
-    """The user ids a watch reported, and a way to wait for one."""
-
-    def __init__(self) -> None:
-        self.ids: list[UUID] = []
-        self._changed = asyncio.Event()
-
-    def __call__(self, user_id: UUID) -> None:
-        self.ids.append(user_id)
-        self._changed.set()
-
-    async def wait_for(self, user_id: UUID) -> None:
-        async with asyncio.timeout(TIMEOUT_S):
-            while user_id not in self.ids:
-                self._changed.clear()
-                await self._changed.wait()
+from tests.recorder import Recorder
 
 
 @pytest.fixture
@@ -42,28 +24,33 @@ async def users(store: Store) -> dict[str, UUID]:
 
 
 @pytest.fixture
-def heard() -> Heard:
-    return Heard()
+def heard() -> Recorder[UUID]:
+    """The user ids a watch reported."""
+    return Recorder()
+
+
+async def reported(heard: Recorder[UUID], user_id: UUID) -> None:
+    await heard.until(lambda: user_id in heard.events)
 
 
 async def test_a_revocation_is_heard_whether_it_came_before_or_while_listening(
-    store: Store, users: dict[str, UUID], heard: Heard
+    store: Store, users: dict[str, UUID], heard: Recorder[UUID]
 ) -> None:
     """Revoked before the watch starts: found when it starts listening; revoked while it listens:
     heard from the notification (bob is not among the connected users the start checks)."""
     assert await store.revoke_user("alice")
     watch = asyncio.create_task(watch_revocations(store, lambda: {users["alice"]}, heard))
     try:
-        await heard.wait_for(users["alice"])  # the watch is listening from here on
+        await reported(heard, users["alice"])  # the watch is listening from here on
         assert await store.revoke_user("bob")
-        await heard.wait_for(users["bob"])
-        assert users["carol"] not in heard.ids
+        await reported(heard, users["bob"])
+        assert users["carol"] not in heard.events
     finally:
         watch.cancel()
 
 
 async def test_a_revocation_while_the_listening_connection_is_down_is_not_missed(
-    store: Store, db: asyncpg.Connection, users: dict[str, UUID], heard: Heard
+    store: Store, db: asyncpg.Connection, users: dict[str, UUID], heard: Recorder[UUID]
 ) -> None:
     """The listening backend is killed (as a database restart would), carol is revoked before the
     watch listens again: the check it makes on listening again finds her."""
@@ -72,14 +59,14 @@ async def test_a_revocation_while_the_listening_connection_is_down_is_not_missed
     )
     try:
         assert await store.revoke_user("alice")
-        await heard.wait_for(users["alice"])
+        await reported(heard, users["alice"])
         killed = await db.fetchval(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
             "WHERE datname = current_database() AND query ILIKE 'LISTEN%'"
         )
         assert killed == 1
         assert await store.revoke_user("carol")
-        await heard.wait_for(users["carol"])
-        assert users["bob"] not in heard.ids
+        await reported(heard, users["carol"])
+        assert users["bob"] not in heard.events
     finally:
         watch.cancel()

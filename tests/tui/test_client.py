@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Callable
 
 import pytest
 
 from service.protocol import frames
 from service.server import ChatServer
+from tests.recorder import Recorder as BaseRecorder
 from tests.service.client import TIMEOUT_S
 from tests.service.conftest import ServiceFactory, ws_url
 from tests.tui.helpers import FAST_BACKOFF, stored
@@ -28,22 +28,8 @@ from tui_client.client import (
 GREEDY = frames.Params(temperature=0.0, max_tokens=8)
 
 
-class Recorder:
-    """Collects a client's events; ``wait`` for the first one matching a condition."""
-
-    def __init__(self) -> None:
-        self.events: list[ClientEvent] = []
-        self._changed = asyncio.Event()
-
-    def __call__(self, event: ClientEvent) -> None:
-        self.events.append(event)
-        self._changed.set()
-
-    async def until(self, predicate: Callable[[], bool]) -> None:
-        async with asyncio.timeout(TIMEOUT_S):
-            while not predicate():
-                self._changed.clear()
-                await self._changed.wait()
+class Recorder(BaseRecorder[ClientEvent]):
+    """Collects a client's events; ``wait`` for the first ones of a type."""
 
     async def wait(self, match: type[ClientEvent], *, count: int = 1) -> list[ClientEvent]:
         """The events of type ``match``, once there are ``count`` of them."""
