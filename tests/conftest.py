@@ -63,6 +63,9 @@ BEGIN
 EXCEPTION WHEN duplicate_object OR unique_violation THEN  -- exists, or a parallel run made it
     ALTER ROLE {PG_TEST_ROLE} LOGIN CREATEDB PASSWORD '{PG_TEST_ROLE}';
 END $$;
+-- A test database is dropped WITH (FORCE), which must also end an autovacuum worker that happens to
+-- be in it (seen under load): in PostgreSQL 15 that takes pg_signal_backend.
+GRANT pg_signal_backend TO {PG_TEST_ROLE};
 """
 
 

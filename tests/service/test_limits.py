@@ -12,6 +12,7 @@ from websockets.exceptions import InvalidStatus
 
 from service.access import AccessPolicy
 from service.server import ChatServer
+from tests.engine_gate import GateFactory
 from tests.service.client import TIMEOUT_S, Client
 from tests.service.conftest import ServiceFactory, ws_url
 
@@ -107,22 +108,31 @@ def slow_socket(port: int) -> socket.socket:
 
 def shrink_send_buffer(server: ChatServer) -> None:
     """Make the server's side of the only connection a slow link: a 4 KiB kernel buffer
-    (loopback would otherwise absorb megabytes before anything blocks)."""
+    (loopback would otherwise absorb megabytes before anything blocks), and no user-space
+    buffer above it (websockets lets its transport hold 32 KiB before a send waits)."""
     (connection,) = server.connections
-    connection.ws.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    transport = connection.ws.transport
+    transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    transport.set_write_buffer_limits(high=0)
 
 
 async def test_a_stalled_reader_costs_one_frame_per_session_and_blocks_nobody(
-    start_service: ServiceFactory,
+    start_service: ServiceFactory, engine_gate: GateFactory
 ) -> None:
     """While one client reads nothing, another streams to the end; the stalled client's
-    pending token text is coalesced (bounded frames) and arrives complete once it reads."""
+    pending token text is coalesced (bounded frames) and arrives complete once it reads.
+
+    16 sessions of 200 tokens make ~17 KB of text: more than the stalled link holds (~10 KB of
+    kernel buffers) even when a busy server coalesced it all before sending anything.
+    """
     async with start_service() as server:
         stalled = await connect(ws_url(server), sock=slow_socket(server.port), max_queue=1)
         stalled.transport.pause_reading()
         shrink_send_buffer(server)
+        gate = engine_gate(server)
+        gate.hold(0)  # until every session's generation is in: none may end before the last starts
         await stalled.send('{"type": "hello"}')
-        sessions = [f"s{i}" for i in range(8)]
+        sessions = [f"s{i}" for i in range(server.settings.server.max_sessions)]
         for name in sessions:
             await stalled.send(f'{{"type": "open", "session": "{name}"}}')
             await stalled.send(
@@ -131,6 +141,7 @@ async def test_a_stalled_reader_costs_one_frame_per_session_and_blocks_nobody(
             )
         (stalled_connection,) = server.connections
         await asyncio.wait_for(server.wait_until(lambda: server.generation_count == len(sessions)), TIMEOUT_S)
+        gate.release()
 
         fast = await Client.connect(ws_url(server))
         await fast.hello()
@@ -140,7 +151,8 @@ async def test_a_stalled_reader_costs_one_frame_per_session_and_blocks_nobody(
         await server.idle()
         assert not stalled_connection.outbox.closed, "the stalled client was dropped early"
         queued = len(stalled_connection.outbox)
-        assert 0 < queued <= 2 * len(sessions), "expected a blocked writer holding coalesced frames"
+        # Per session at most its `started`, one coalesced token frame and its `done` wait.
+        assert 0 < queued <= 3 * len(sessions), "expected a blocked writer holding coalesced frames"
 
         stalled.transport.resume_reading()
         texts: dict[str, str] = dict.fromkeys(sessions, "")
