@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import secrets
-import threading
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import pytest
 
 from service.protocol.errors import CloseCode
 from service.server import ChatServer
 from service.store.records import LOCAL_USER_NAME, User, token_hash
+from tests.engine_gate import GateFactory
 from tests.service.client import Client, Frame
 from tests.service.conftest import ServiceFactory, ws_url
 from tests.service.test_errors import expect_close
@@ -206,44 +205,16 @@ async def test_history_paging_from_another_users_message_reveals_nothing(two_use
     assert page["messages"] == []
 
 
-@pytest.fixture
-def engine_gate(
-    monkeypatch: pytest.MonkeyPatch, token_server: ChatServer
-) -> Iterator[Callable[[bool], None]]:
-    """``gate(False)`` holds the engine before its next model run, ``gate(True)`` lets it go on:
-    a generation stays running, deterministically, for as long as a test needs."""
-    gate = threading.Event()
-    gate.set()
-    for engine in token_server.models.loaded():
-        forward = engine.runner.forward
-
-        def gated(*args: Any, _forward: Callable[..., np.ndarray] = forward) -> np.ndarray:
-            gate.wait()
-            return _forward(*args)
-
-        monkeypatch.setattr(engine.runner, "forward", gated)
-
-    def set_open(open_: bool) -> None:
-        if open_:
-            gate.set()
-        else:
-            gate.clear()
-
-    try:
-        yield set_open
-    finally:
-        gate.set()
-
-
 async def test_resume_of_another_users_running_message_is_refused(
-    two_users: TwoUsers, engine_gate: Callable[[bool], None]
+    two_users: TwoUsers, engine_gate: GateFactory
 ) -> None:
     """``open`` with ``resume`` naming the other user's running message never attaches to it:
     in their chat it is ``not_found``; in one's own chat nothing is replayed; the owner still can."""
     users = two_users
+    gate = engine_gate(users.server)
+    gate.hold(3)  # the prefill and two tokens, then the reply waits: it is still running throughout
     started = await users.alice.start("s", "Write a long story", **LONG)
     await users.alice.wait_for(lambda f: f["type"] == "token")
-    engine_gate(False)
     await users.alice.close()  # detached, kept running for the grace period
     resume = {"message": started["message"], "index": 0}
 
@@ -258,7 +229,7 @@ async def test_resume_of_another_users_running_message_is_refused(
 
     users.alice = await connect(users.server, users.alice_token)
     opened = await users.alice.open("t", chat=users.alice_chat, resume=resume)
-    engine_gate(True)
+    gate.release()
     reply = await users.alice.finish("t", opened)
     assert reply.tokens[0]["index"] == 0
     assert reply.done["message"] == started["message"]

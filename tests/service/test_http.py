@@ -8,6 +8,7 @@ import http.client
 import orjson
 
 from service.server import ChatServer
+from tests.engine_gate import GateFactory
 from tests.service.client import TIMEOUT_S, Client
 from tests.service.conftest import ws_url
 
@@ -49,13 +50,19 @@ async def test_page_and_unknown_paths(server: ChatServer) -> None:
     assert (await get(server, "/nope"))[0] == 404
 
 
-async def test_metrics_count_what_happened(client: Client, server: ChatServer) -> None:
+async def test_metrics_count_what_happened(
+    client: Client, server: ChatServer, engine_gate: GateFactory
+) -> None:
     """/metrics exposes latency histograms and counters that move with real traffic."""
+    gate = engine_gate(server)
     await client.open("s")
     reply = await client.chat("s", "hello", temperature=0, max_tokens=8)
+    gate.hold(3)  # the prefill and two tokens; the reply cannot end before the stop arrives
     started = await client.start("s", "more", temperature=0, max_tokens=200)
     await client.wait_for(lambda f: f["type"] == "token")
     await client.send({"type": "stop", "session": "s"})
+    await client.request({"type": "ping"})  # frames are handled in order: the stop is in
+    gate.release()
     await client.finish("s", started)
     await server.idle()
     status, kind, body = await get(server, "/metrics")

@@ -72,12 +72,18 @@ async def test_three_sessions_stream_at_once_on_one_connection(
         assert messages[1]["status"] == "complete"
 
 
-async def test_stop_cancels_and_stores_the_streamed_text(client: Client, server: ChatServer) -> None:
+async def test_stop_cancels_and_stores_the_streamed_text(
+    client: Client, server: ChatServer, engine_gate: GateFactory
+) -> None:
     """``stop`` ends the generation with ``cancelled``; the stored text is what streamed."""
+    gate = engine_gate(server)
     chat = (await client.open("s"))["chat"]
+    gate.hold(4)  # the prefill and three tokens; the reply cannot end before the stop arrives
     started = await client.start("s", "Count to a thousand", **LONG)
     first = await client.wait_for(lambda f: f["type"] == "token")
     await client.send({"type": "stop", "session": "s"})
+    await client.request({"type": "ping"})  # frames are handled in order: the stop is in
+    gate.release()
     reply = await client.finish("s", started)
     reply.tokens.insert(0, first)
     assert reply.done["reason"] == "cancelled"
@@ -97,13 +103,20 @@ async def test_stop_without_a_generation_does_nothing(client: Client) -> None:
     assert [f["type"] for f in client.received][-1] == "pong"
 
 
-async def test_close_cancels_before_closed(client: Client, server: ChatServer) -> None:
+async def test_close_cancels_before_closed(
+    client: Client, server: ChatServer, engine_gate: GateFactory
+) -> None:
     """``close`` cancels the running generation: its ``done`` comes before ``closed``."""
+    gate = engine_gate(server)
     chat = (await client.open("s"))["chat"]
+    gate.hold(4)  # the prefill and three tokens; the reply cannot end before the close arrives
     await client.start("s", "Write a long story", **LONG)
     await client.wait_for(lambda f: f["type"] == "token")
-    closed = await client.request({"type": "close", "session": "s"})
-    assert closed == {"type": "closed", "session": "s", "id": closed["id"]}
+    await client.send({"type": "close", "session": "s", "id": "close"})
+    await client.request({"type": "ping"})  # frames are handled in order: the close is in
+    gate.release()
+    closed = await client.wait_for(lambda f: f["type"] == "closed")
+    assert closed == {"type": "closed", "session": "s", "id": "close"}
     kinds = [f["type"] for f in client.received if f.get("session") == "s"]
     assert kinds.index("done") < kinds.index("closed")
     done = next(f for f in client.received if f["type"] == "done")
@@ -114,14 +127,20 @@ async def test_close_cancels_before_closed(client: Client, server: ChatServer) -
     assert again["code"] == "unknown_session"
 
 
-async def test_disconnect_cancels_and_keeps_the_partial_reply(server: ChatServer) -> None:
+async def test_disconnect_cancels_and_keeps_the_partial_reply(
+    server: ChatServer, engine_gate: GateFactory
+) -> None:
     """A dropped connection cancels its generations; what was generated is stored."""
+    gate = engine_gate(server)
     first = await Client.connect(ws_url(server))
     await first.hello()
     chat = (await first.open("s"))["chat"]
+    gate.hold(4)  # the prefill and three tokens; the reply cannot end before the drop is seen
     await first.start("s", "Write a long story", **LONG)
     token = await first.wait_for(lambda f: f["type"] == "token")
     await first.close()
+    await server.wait_connections(0)
+    gate.release()
     await server.idle()
     second = await Client.connect(ws_url(server))
     await second.hello()
@@ -131,11 +150,16 @@ async def test_disconnect_cancels_and_keeps_the_partial_reply(server: ChatServer
     await second.close()
 
 
-async def test_send_while_generating_is_busy_and_leaves_it_running(client: Client) -> None:
+async def test_send_while_generating_is_busy_and_leaves_it_running(
+    client: Client, server: ChatServer, engine_gate: GateFactory
+) -> None:
     """A second ``send`` gets ``busy``; the first generation completes untouched."""
+    gate = engine_gate(server)
     await client.open("s")
+    gate.hold(2)  # the prefill and one token; the reply cannot end before the second send arrives
     started = await client.start("s", "Hello", **GREEDY, max_tokens=30)
     busy = await client.request({"type": "send", "session": "s", "text": "again"})
+    gate.release()
     assert busy["code"] == "busy"
     assert busy["session"] == "s"
     reply = await client.finish("s", started)
@@ -192,9 +216,13 @@ async def test_cold_restart_continues_exactly_like_a_cached_twin(start_service: 
     assert twin != cold
 
 
-async def test_user_message_is_stored_before_generation_starts(client: Client, server: ChatServer) -> None:
+async def test_user_message_is_stored_before_generation_starts(
+    client: Client, server: ChatServer, engine_gate: GateFactory
+) -> None:
     """While a reply streams, history already holds the user message (and not the unfinished reply)."""
+    gate = engine_gate(server)
     chat = (await client.open("s"))["chat"]
+    gate.hold(2)  # the prefill and one token, then the reply waits mid-stream
     await client.start("s", "Remember me", **LONG)
     await client.wait_for(lambda f: f["type"] == "token")
     other = await Client.connect(ws_url(server))
@@ -203,6 +231,7 @@ async def test_user_message_is_stored_before_generation_starts(client: Client, s
     assert [(m["role"], m["text"]) for m in messages] == [("user", "Remember me")]
     await other.close()
     await client.send({"type": "stop", "session": "s"})
+    gate.release()
     await client.wait_for(lambda f: f["type"] == "done")
 
 
@@ -248,15 +277,21 @@ async def test_models_and_ping(client: Client, server: ChatServer) -> None:
     assert pong["type"] == "pong"
 
 
-async def test_reattach_within_the_grace_period_replays_then_streams(start_service: ServiceFactory) -> None:
+async def test_reattach_within_the_grace_period_replays_then_streams(
+    start_service: ServiceFactory, engine_gate: GateFactory
+) -> None:
     """With a grace period, reopening with ``resume`` replays missed tokens, then goes on live;
     the whole text arrives exactly once and matches the stored reply."""
     async with start_service(disconnect_grace_s=60) as server:
+        gate = engine_gate(server)
         first = await Client.connect(ws_url(server))
         await first.hello()
         chat = (await first.open("s"))["chat"]
+        gate.hold(8)  # the prefill and seven tokens, then the reply waits until the resume
         started = await first.start("s", "Write a long story", **LONG)
-        seen = [await first.wait_for(lambda f: f["type"] == "token") for _ in range(3)]
+        seen = [await first.wait_for(lambda f: f["type"] == "token")]
+        while sum(t.get("tokens", 1) for t in seen) < 3:  # frames may carry several tokens
+            seen.append(await first.wait_for(lambda f: f["type"] == "token"))
         await first.close()
 
         second = await Client.connect(ws_url(server))
@@ -266,6 +301,7 @@ async def test_reattach_within_the_grace_period_replays_then_streams(start_servi
             "t", chat=chat, resume={"message": started["message"], "index": next_index}
         )
         assert [m["role"] for m in opened["messages"]] == ["user"]
+        gate.release()
         rest = await second.finish("t", started)
         assert rest.tokens[0]["index"] == next_index
         await server.idle()
@@ -280,14 +316,20 @@ async def test_reattach_within_the_grace_period_replays_then_streams(start_servi
         await second.close()
 
 
-async def test_without_grace_a_resume_finds_the_stored_partial_reply(server: ChatServer) -> None:
+async def test_without_grace_a_resume_finds_the_stored_partial_reply(
+    server: ChatServer, engine_gate: GateFactory
+) -> None:
     """With the default grace of 0 a dropped generation is cancelled; ``resume`` just reopens."""
+    gate = engine_gate(server)
     first = await Client.connect(ws_url(server))
     await first.hello()
     chat = (await first.open("s"))["chat"]
+    gate.hold(2)  # the prefill and one token; the reply cannot end before the drop is seen
     started = await first.start("s", "Write a long story", **LONG)
     await first.wait_for(lambda f: f["type"] == "token")
     await first.close()
+    await server.wait_connections(0)
+    gate.release()
     await server.idle()
     second = await Client.connect(ws_url(server))
     await second.hello()
