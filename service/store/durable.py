@@ -48,7 +48,7 @@ from service.store.records import (
     StoredMessage,
     User,
 )
-from service.store.store import Store
+from service.store.store import Store, _pg_text
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +107,18 @@ class DurableStore(Store):
 
     # ---- writes: journaled ---------------------------------------------------------------
 
+    async def _write_new(self, label: str, write: Callable[[], Awaitable[T]], queued: Callable[[], T]) -> T:
+        """New work through the journal: what ``write`` stored, or (the database away, the write
+        queued) what ``queued`` says it will store."""
+        stored: list[T] = []
+
+        async def attempt() -> None:
+            stored.append(await _classified(write()))
+
+        if await self.journal.write(label, attempt, new_work=True):
+            return stored[-1]
+        return queued()
+
     async def create_chat(
         self,
         user_id: UUID,
@@ -123,40 +135,37 @@ class DurableStore(Store):
         chat_id = chat_id or uuid.uuid4()
         system_id = system_id or uuid.uuid4()
         created_at = created_at or datetime.now(UTC)
-        stored: list[tuple[Chat, list[StoredMessage]]] = []
 
-        async def write() -> None:
-            stored.append(
-                await _classified(
-                    Store.create_chat(
-                        self,
-                        user_id,
-                        model=model,
-                        title=title,
-                        system=system,
-                        params=params,
-                        chat_id=chat_id,
-                        system_id=system_id,
-                        created_at=created_at,
-                    )
-                )
+        def queued() -> tuple[Chat, list[StoredMessage]]:
+            chat = Chat(
+                id=chat_id,
+                user_id=user_id,
+                title=_pg_text(title),
+                model=model,
+                params=params,
+                created_at=created_at,
+                updated_at=created_at,
             )
+            messages = []
+            if system is not None:
+                messages.append(_message(system_id, "system", system, [], 0, created_at))
+            return chat, messages
 
-        if await self.journal.write(f"new chat {chat_id} of user {user_id}", write, new_work=True):
-            return stored[-1]
-        chat = Chat(
-            id=chat_id,
-            user_id=user_id,
-            title=None if title is None else title.replace("\x00", "\ufffd"),
-            model=model,
-            params=params,
-            created_at=created_at,
-            updated_at=created_at,
+        return await self._write_new(
+            f"new chat {chat_id} of user {user_id}",
+            lambda: Store.create_chat(
+                self,
+                user_id,
+                model=model,
+                title=title,
+                system=system,
+                params=params,
+                chat_id=chat_id,
+                system_id=system_id,
+                created_at=created_at,
+            ),
+            queued,
         )
-        messages = []
-        if system is not None:
-            messages.append(_message(system_id, "system", system, [], 0, created_at))
-        return chat, messages
 
     async def begin_turn(
         self,
@@ -172,28 +181,20 @@ class DurableStore(Store):
         """The user's message and the reply's placeholder, stored now or (the database away) queued."""
         user_message_id = user_message_id or uuid.uuid4()
         created_at = created_at or datetime.now(UTC)
-        stored: list[StoredMessage] = []
-
-        async def write() -> None:
-            stored.append(
-                await _classified(
-                    Store.begin_turn(
-                        self,
-                        chat_id,
-                        user_text=user_text,
-                        user_token_ids=user_token_ids,
-                        assistant_id=assistant_id,
-                        prompt_offset=prompt_offset,
-                        user_message_id=user_message_id,
-                        created_at=created_at,
-                    )
-                )
-            )
-
-        label = f"turn of chat {chat_id} (user message {user_message_id}, reply {assistant_id})"
-        if await self.journal.write(label, write, new_work=True):
-            return stored[-1]
-        return _message(user_message_id, "user", user_text, user_token_ids, prompt_offset, created_at)
+        return await self._write_new(
+            f"turn of chat {chat_id} (user message {user_message_id}, reply {assistant_id})",
+            lambda: Store.begin_turn(
+                self,
+                chat_id,
+                user_text=user_text,
+                user_token_ids=user_token_ids,
+                assistant_id=assistant_id,
+                prompt_offset=prompt_offset,
+                user_message_id=user_message_id,
+                created_at=created_at,
+            ),
+            lambda: _message(user_message_id, "user", user_text, user_token_ids, prompt_offset, created_at),
+        )
 
     async def finish_message(self, message_id: UUID, completion: Completion) -> None:
         """The reply's end, stored now or (the database away) queued; never refused for the bound."""
