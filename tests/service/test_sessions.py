@@ -13,7 +13,7 @@ from service.config import ServiceSettings
 from service.engine.models.registry import PreparedModel
 from service.server import ChatServer
 from tests.engine_gate import GateFactory
-from tests.service.client import Client, Reply
+from tests.service.client import Client, Frame, Reply
 from tests.service.conftest import ServiceFactory, ws_url
 
 GREEDY = {"temperature": 0}
@@ -127,21 +127,29 @@ async def test_close_cancels_before_closed(
     assert again["code"] == "unknown_session"
 
 
-async def test_disconnect_cancels_and_keeps_the_partial_reply(
-    server: ChatServer, engine_gate: GateFactory
-) -> None:
-    """A dropped connection cancels its generations; what was generated is stored."""
+async def drop_mid_reply(server: ChatServer, engine_gate: GateFactory) -> tuple[str, Frame, Frame]:
+    """A client starts a long reply, reads its first token and drops; the engine is held until
+    the server has seen the drop, so the reply is cut, never finished. Returns the chat id, the
+    ``started`` frame and the first token frame, once the cut reply is stored."""
     gate = engine_gate(server)
     first = await Client.connect(ws_url(server))
     await first.hello()
     chat = (await first.open("s"))["chat"]
-    gate.hold(4)  # the prefill and three tokens; the reply cannot end before the drop is seen
-    await first.start("s", "Write a long story", **LONG)
+    gate.hold(2)  # the prefill and one token; the reply cannot end before the drop is seen
+    started = await first.start("s", "Write a long story", **LONG)
     token = await first.wait_for(lambda f: f["type"] == "token")
     await first.close()
     await server.wait_connections(0)
     gate.release()
     await server.idle()
+    return chat, started, token
+
+
+async def test_disconnect_cancels_and_keeps_the_partial_reply(
+    server: ChatServer, engine_gate: GateFactory
+) -> None:
+    """A dropped connection cancels its generations; what was generated is stored."""
+    chat, _, token = await drop_mid_reply(server, engine_gate)
     second = await Client.connect(ws_url(server))
     await second.hello()
     messages = await stored_messages(second, chat)
@@ -320,17 +328,7 @@ async def test_without_grace_a_resume_finds_the_stored_partial_reply(
     server: ChatServer, engine_gate: GateFactory
 ) -> None:
     """With the default grace of 0 a dropped generation is cancelled; ``resume`` just reopens."""
-    gate = engine_gate(server)
-    first = await Client.connect(ws_url(server))
-    await first.hello()
-    chat = (await first.open("s"))["chat"]
-    gate.hold(2)  # the prefill and one token; the reply cannot end before the drop is seen
-    started = await first.start("s", "Write a long story", **LONG)
-    await first.wait_for(lambda f: f["type"] == "token")
-    await first.close()
-    await server.wait_connections(0)
-    gate.release()
-    await server.idle()
+    chat, started, _ = await drop_mid_reply(server, engine_gate)
     second = await Client.connect(ws_url(server))
     await second.hello()
     opened = await second.open("t", chat=chat, resume={"message": started["message"], "index": 0})
