@@ -233,18 +233,25 @@ class Store:
         def notified(_conn: object, _pid: int, _channel: str, payload: str) -> None:
             on_payload(payload)
 
+        def terminated(_conn: object) -> None:
+            lost.set()
+
         try:
             conn = await self._pool.acquire()
         except _DATABASE_ERRORS as exc:
             raise StoreError(f"database error: {exc!r}") from exc
+        conn.add_termination_listener(terminated)
         try:
-            conn.add_termination_listener(lambda _conn: lost.set())
             await conn.add_listener(channel, notified)
             yield lost
         except _DATABASE_ERRORS as exc:
             raise StoreError(f"database error: {exc!r}") from exc
         finally:
+            # Both listeners go before the connection returns to the pool (asyncpg warns about a
+            # notification listener left on, and keeps termination listeners across a reset); a
+            # lost connection has dropped them already, and its proxy refuses every call.
             with contextlib.suppress(*_DATABASE_ERRORS):
+                conn.remove_termination_listener(terminated)
                 await conn.remove_listener(channel, notified)
             with contextlib.suppress(*_DATABASE_ERRORS):
                 await self._pool.release(conn)
