@@ -79,7 +79,9 @@ def add_users_command(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
     add = actions.add_parser("add", help="create a user (or re-admit a revoked one) and print a new token")
     add.add_argument("name", metavar="NAME")
     actions.add_parser("list", help="every user: name, created, revoked (no tokens)")
-    revoke = actions.add_parser("revoke", help="revoke a user's token (takes effect at the next hello)")
+    revoke = actions.add_parser(
+        "revoke", help="revoke a user's token: refused from the next hello on, their open connections closed"
+    )
     revoke.add_argument("name", metavar="NAME")
     for parser in (users, *actions.choices.values()):
         _add_database_arguments(parser)
