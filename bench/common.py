@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -13,6 +14,8 @@ from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from service.engine.models.onnx_builder import Precision
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
@@ -127,3 +130,17 @@ def percentile(sorted_values: list[float], q: float) -> float | None:
     if not sorted_values:
         return None
     return sorted_values[min(len(sorted_values) - 1, math.ceil(q * len(sorted_values)) - 1)]
+
+
+def add_service_arguments(parser: argparse.ArgumentParser) -> None:
+    """--data-dir, --database-url, --precision: where a benchmarked service finds its model and history."""
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=REPO_ROOT / ".cache",
+        help="where the model is cached (default: <repo>/.cache)",
+    )
+    parser.add_argument(
+        "--database-url", default=None, help="PostgreSQL (default: embedded, in a temporary folder)"
+    )
+    parser.add_argument("--precision", choices=[p.value for p in Precision], default=Precision.INT8.value)

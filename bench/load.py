@@ -37,6 +37,7 @@ if str(REPO_ROOT) not in sys.path:  # run as a script: python bench/load.py
 
 from bench.common import (  # noqa: E402
     RESULTS_DIR,
+    add_service_arguments,
     fmt,
     format_table,
     machine_info,
@@ -305,16 +306,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--model", default="default", help="a model name or a prepared model directory (default: the default)"
     )
-    parser.add_argument(
-        "--data-dir",
-        type=Path,
-        default=REPO_ROOT / ".cache",
-        help="where the model is cached (default: <repo>/.cache)",
-    )
-    parser.add_argument(
-        "--database-url", default=None, help="PostgreSQL (default: embedded, in a temporary folder)"
-    )
-    parser.add_argument("--precision", choices=[p.value for p in Precision], default=Precision.INT8.value)
+    add_service_arguments(parser)
     parser.add_argument(
         "--timeout", type=float, default=600, help="give up after this many seconds (default 600)"
     )

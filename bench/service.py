@@ -41,6 +41,7 @@ if str(REPO_ROOT) not in sys.path:  # run as a script: python bench/service.py
 
 from bench.common import (  # noqa: E402
     RESULTS_DIR,
+    add_service_arguments,
     fmt,
     format_table,
     machine_info,
@@ -289,16 +290,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--data-dir",
-        type=Path,
-        default=REPO_ROOT / ".cache",
-        help="where the model is cached (default: <repo>/.cache)",
-    )
-    parser.add_argument(
-        "--database-url", default=None, help="PostgreSQL (default: embedded, in a temporary folder)"
-    )
-    parser.add_argument("--precision", choices=[p.value for p in Precision], default=Precision.INT8.value)
+    add_service_arguments(parser)
     parser.add_argument("--threads", type=int, default=2, help="decoder threads (default 2)")
     parser.add_argument("--tokens", type=int, default=128, help="max tokens per generation (default 128)")
     parser.add_argument("--rounds", type=int, default=3, help="repetitions; medians are reported (default 3)")
