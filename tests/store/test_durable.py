@@ -11,25 +11,11 @@ from collections.abc import AsyncIterator
 import pytest
 
 from service.errors import StoreError, StoreUnavailable
-from service.store import Completion, Store, User
+from service.store import Store, User
 from service.store.durable import DurableStore
+from tests.completions import completion
 from tests.private_postgres import PrivatePostgres, private_postgres
 from tests.service.client import TIMEOUT_S
-
-
-def _completion(text: str, token_ids: list[int]) -> Completion:
-    return Completion(
-        text=text,
-        token_ids=token_ids,
-        status="complete",
-        prompt_tokens=5,
-        cached_tokens=0,
-        completion_tokens=len(token_ids),
-        queued_ms=0.1,
-        ttft_ms=1.0,
-        total_ms=5.0,
-        tokens_per_s=100.0,
-    )
 
 
 @pytest.fixture
@@ -70,7 +56,7 @@ async def test_turn_writes_wait_out_an_outage_and_land_in_order(
     user_message = await durable.begin_turn(
         chat.id, user_text="hello", user_token_ids=[5, 6, 7], assistant_id=reply_id, prompt_offset=2
     )
-    await durable.finish_message(reply_id, _completion("hi!", [8, 9]))
+    await durable.finish_message(reply_id, completion("hi!", token_ids=[8, 9], completion_tokens=2))
     assert durable.pending_writes == 3
     for read in (
         durable.messages(user.id, before.id),
@@ -124,7 +110,7 @@ async def test_closing_with_the_database_down_logs_each_lost_write(
     """Shutdown flushes for a bounded time; a reply it could not store is logged as lost."""
     await asyncio.to_thread(pg.stop, "immediate")
     reply_id = uuid.uuid4()
-    await durable.finish_message(reply_id, _completion("never stored", [1]))
+    await durable.finish_message(reply_id, completion("never stored", token_ids=[1], completion_tokens=1))
     durable.flush_timeout_s = 0.1
     with caplog.at_level(logging.ERROR, logger="service.store.journal"):
         await durable.close()
@@ -145,7 +131,7 @@ async def test_replayed_writes_store_each_row_once(store: Store, user: User) -> 
     turn = {"user_text": "q", "user_token_ids": [1], "assistant_id": reply_id, "user_message_id": message_id}
     stored = await store.begin_turn(chat_id, **turn)  # type: ignore[arg-type]
     assert await store.begin_turn(chat_id, **turn) == stored  # type: ignore[arg-type]
-    await store.finish_message(reply_id, _completion("a", [2]))
+    await store.finish_message(reply_id, completion("a", token_ids=[2], completion_tokens=1))
     history = await store.messages(user.id, chat_id)
     assert history is not None
     assert [(m.id, m.role) for m in history] == [

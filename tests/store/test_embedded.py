@@ -8,8 +8,9 @@ import sys
 import uuid
 from pathlib import Path
 
-from service.store import Completion, Store
+from service.store import Store
 from service.store.embedded import EmbeddedPostgres
+from tests.completions import completion
 
 
 def _processes_using(folder: Path) -> list[int]:
@@ -42,18 +43,7 @@ async def test_embedded_postgres_serves_the_store_and_stops_for_good(tmp_path: P
             await store.begin_turn(chat.id, user_text="ping", user_token_ids=[1], assistant_id=reply_id)
             await store.finish_message(
                 reply_id,
-                Completion(
-                    text="pong",
-                    token_ids=[2],
-                    status="complete",
-                    prompt_tokens=1,
-                    cached_tokens=0,
-                    completion_tokens=1,
-                    queued_ms=0.0,
-                    ttft_ms=1.0,
-                    total_ms=1.0,
-                    tokens_per_s=1000.0,
-                ),
+                completion("pong", token_ids=[2], completion_tokens=1),
             )
             history = await store.messages(user.id, chat.id)
             assert history is not None

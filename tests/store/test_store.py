@@ -9,27 +9,11 @@ from uuid import UUID
 import asyncpg
 import pytest
 
-from service.store import Completion, Store, User, parse_id
+from service.store import Store, User, parse_id
 from service.store.records import token_hash
+from tests.completions import completion
 
 MODEL = "tiny"
-
-
-def _completion(text: str = "Hi there.", *, status: str = "complete", **overrides: object) -> Completion:
-    fields: dict[str, object] = {
-        "text": text,
-        "token_ids": [1, 2, 3],
-        "status": status,
-        "prompt_tokens": 12,
-        "cached_tokens": 4,
-        "completion_tokens": 3,
-        "queued_ms": 0.5,
-        "ttft_ms": 12.25,
-        "total_ms": 40.0,
-        "tokens_per_s": 75.5,
-    }
-    fields.update(overrides)
-    return Completion(**fields)  # type: ignore[arg-type]
 
 
 async def _chat(store: Store, user: User, **fields: object) -> UUID:
@@ -48,7 +32,7 @@ async def _turn(store: Store, chat_id: UUID, text: str, reply: str | None = "ok"
     assistant_id = uuid.uuid4()
     await store.begin_turn(chat_id, user_text=text, user_token_ids=[7], assistant_id=assistant_id)
     if reply is not None:
-        await store.finish_message(assistant_id, _completion(reply))
+        await store.finish_message(assistant_id, completion(reply))
     return assistant_id
 
 
@@ -136,9 +120,9 @@ async def test_finish_message_round_trips_text_tokens_status_and_usage(
     chat_id = await _chat(store, user)
     assistant_id = await _turn(store, chat_id, "Count", reply=None)
     token_ids = [0, 1, 151_935, 262_143, 2**31 - 1]
-    completion = _completion("héllo ✓ 🙂", status="cancelled", token_ids=token_ids, ttft_ms=None, error=None)
-    await store.finish_message(assistant_id, completion)
-    await store.finish_message(assistant_id, completion)  # idempotent
+    record = completion("héllo ✓ 🙂", status="cancelled", token_ids=token_ids, ttft_ms=None, error=None)
+    await store.finish_message(assistant_id, record)
+    await store.finish_message(assistant_id, record)  # idempotent
     history = await store.messages(user.id, chat_id)
     assert history is not None
     reply = history[-1]
@@ -161,14 +145,14 @@ async def test_finish_message_stores_the_error(store: Store, user: User, db: asy
     """An errored generation keeps its partial text and its error message."""
     chat_id = await _chat(store, user)
     assistant_id = await _turn(store, chat_id, "Hi", reply=None)
-    await store.finish_message(assistant_id, _completion("par", status="error", error="decoder failed"))
+    await store.finish_message(assistant_id, completion("par", status="error", error="decoder failed"))
     assert await db.fetchval("SELECT error FROM messages WHERE id = $1", assistant_id) == "decoder failed"
 
 
 async def test_finish_message_refuses_a_status_a_generation_cannot_end_with(store: Store) -> None:
     """Only complete, cancelled and error end a generation."""
     with pytest.raises(ValueError, match="interrupted"):
-        await store.finish_message(uuid.uuid4(), _completion(status="interrupted"))
+        await store.finish_message(uuid.uuid4(), completion(status="interrupted"))
 
 
 async def test_finish_message_bumps_the_chat_to_the_top(store: Store, user: User) -> None:
@@ -177,7 +161,7 @@ async def test_finish_message_bumps_the_chat_to_the_top(store: Store, user: User
     assistant_id = await _turn(store, older, "first", reply=None)
     newer = await _chat(store, user)
     assert [c.id for c in await store.list_chats(user.id, limit=10)] == [newer, older]
-    await store.finish_message(assistant_id, _completion())
+    await store.finish_message(assistant_id, completion())
     assert [c.id for c in await store.list_chats(user.id, limit=10)] == [older, newer]
 
 
@@ -299,7 +283,7 @@ async def test_delete_chat_removes_its_messages(store: Store, user: User, db: as
     assert await store.get_chat(user.id, chat_id) is None
     assert await db.fetchval("SELECT count(*) FROM messages WHERE chat_id = $1", chat_id) == 0
     assert await store.delete_chat(user.id, chat_id) is False
-    await store.finish_message(in_flight, _completion())
+    await store.finish_message(in_flight, completion())
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,8 @@ from typing import Any
 from playwright.async_api import Dialog, Locator, Page, expect
 
 from service.server import ChatServer
-from service.store.records import Completion, token_hash
+from service.store.records import token_hash
+from tests.completions import completion
 from tests.engine_gate import GateFactory
 from tests.service.conftest import ServiceFactory
 from tests.web.conftest import ARTIFACTS
@@ -180,18 +181,7 @@ async def test_markup_in_a_reply_or_title_shows_as_text(server: ChatServer, new_
     await server.store.begin_turn(chat.id, user_text=f"U {XSS}", user_token_ids=[], assistant_id=assistant)
     await server.store.finish_message(
         assistant,
-        Completion(
-            text=reply,
-            token_ids=[],
-            status="complete",
-            prompt_tokens=1,
-            cached_tokens=0,
-            completion_tokens=1,
-            queued_ms=0.0,
-            ttft_ms=1.0,
-            total_ms=1.0,
-            tokens_per_s=1.0,
-        ),
+        completion(reply, token_ids=[], completion_tokens=1),
     )
     page = await new_page(server)
     title = page.locator("#past .past-title")
