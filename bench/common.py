@@ -9,6 +9,7 @@ import os
 import platform
 import resource
 import statistics
+import time
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from importlib import metadata
@@ -130,6 +131,17 @@ def percentile(sorted_values: list[float], q: float) -> float | None:
     if not sorted_values:
         return None
     return sorted_values[min(len(sorted_values) - 1, math.ceil(q * len(sorted_values)) - 1)]
+
+
+def run_facts(began: float) -> dict[str, Any]:
+    """Where and with what a benchmark ran, and for how long since ``began`` (a perf_counter)."""
+    return {
+        "machine": machine_info(),
+        "onnxruntime_version": onnxruntime_version(),
+        "peak_rss_mb": peak_rss_mb(),
+        "bench_seconds": time.perf_counter() - began,
+        "timestamp": timestamp(),
+    }
 
 
 def add_service_arguments(parser: argparse.ArgumentParser) -> None:

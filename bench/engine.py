@@ -42,13 +42,10 @@ from bench.common import (  # noqa: E402
     current_rss_mb,
     fmt,
     format_table,
-    machine_info,
     median,
-    onnxruntime_version,
     package_version,
-    peak_rss_mb,
     ratio,
-    timestamp,
+    run_facts,
     write_json,
 )
 from service.config import EngineSettings  # noqa: E402
@@ -383,7 +380,6 @@ async def _measure(
     turn5_ratio = ratio(turn5_cached, turn5_recomputed)
     return {
         "benchmark": "engine",
-        "timestamp": timestamp(),
         "model": model.id,
         "model_dir": str(model.directory),
         "precision": args.precision,
@@ -445,12 +441,9 @@ async def _measure(
             "turn5_recomputed_ms": recomputed,
         },
         "engine_stats": vars_of(engine.stats),
-        "machine": machine_info(),
-        "onnxruntime_version": onnxruntime_version(),
         "og_version": None if og_module is None else package_version("onnxruntime-genai"),
         "rss_after_engine_load_mb": rss_engine,
-        "peak_rss_mb": peak_rss_mb(),  # both runtimes in this one process
-        "bench_seconds": time.perf_counter() - began,
+        **run_facts(began),  # its peak_rss_mb: both runtimes in this one process
     }
 
 

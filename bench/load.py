@@ -40,12 +40,9 @@ from bench.common import (  # noqa: E402
     add_service_arguments,
     fmt,
     format_table,
-    machine_info,
     median,
-    onnxruntime_version,
-    peak_rss_mb,
     percentile,
-    timestamp,
+    run_facts,
     write_json,
 )
 from bench.ws_client import SessionClient  # noqa: E402
@@ -254,11 +251,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             "threads": args.threads,
             "database": "url" if args.database_url else "embedded",
             "engine_stats": engine_stats,
-            "machine": machine_info(),
-            "onnxruntime_version": onnxruntime_version(),
-            "peak_rss_mb": peak_rss_mb(),
-            "bench_seconds": time.perf_counter() - began,
-            "timestamp": timestamp(),
+            **run_facts(began),
         }
     )
     return data

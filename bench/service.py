@@ -44,13 +44,10 @@ from bench.common import (  # noqa: E402
     add_service_arguments,
     fmt,
     format_table,
-    machine_info,
     median,
-    onnxruntime_version,
-    peak_rss_mb,
     percentile,
     ratio,
-    timestamp,
+    run_facts,
     write_json,
 )
 from bench.engine import LONG_REQUEST, SYSTEM, greedy  # noqa: E402
@@ -250,11 +247,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             "max_tokens": args.tokens,
             "rounds": args.rounds,
             "database": "url" if args.database_url else "embedded",
-            "machine": machine_info(),
-            "onnxruntime_version": onnxruntime_version(),
-            "peak_rss_mb": peak_rss_mb(),
-            "bench_seconds": time.perf_counter() - began,
-            "timestamp": timestamp(),
+            **run_facts(began),
         }
     )
     return data
