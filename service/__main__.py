@@ -16,10 +16,11 @@ import sys
 from service import users_cli
 from service.app import run
 from service.cli import add_engine_arguments, data_dir, engine_settings
-from service.config import ServerSettings, ServiceSettings
+from service.config import ReplicaSettings, ServerSettings, ServiceSettings
 from service.errors import ServiceError
 
 _DEFAULTS = ServerSettings()
+_REPLICA = ReplicaSettings()
 # (flag, ServerSettings field, type, unit) of the limits a server operator may want to change.
 _LIMITS = (
     ("--max-connections", "max_connections", int, "N"),
@@ -64,6 +65,28 @@ def _parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="also answer to this Host name (IP literals, localhost and --host always work; repeatable)",
     )
+    replicas = parser.add_argument_group("replicas (several processes on one database: docs/scaling.md)")
+    replicas.add_argument(
+        "--instance-name",
+        default="",
+        metavar="NAME",
+        help="this replica's name in logs, /metrics and /readyz (default: HOST:PID)",
+    )
+    replicas.add_argument(
+        "--lease",
+        type=float,
+        default=_REPLICA.lease_s,
+        metavar="SECONDS",
+        help="a reply whose replica missed its heartbeats this long is marked interrupted "
+        "by another replica (default: %(default)s)",
+    )
+    replicas.add_argument(
+        "--heartbeat",
+        type=float,
+        default=_REPLICA.heartbeat_s,
+        metavar="SECONDS",
+        help="how often the lease is renewed and expired replies swept (default: %(default)s)",
+    )
     limits = parser.add_argument_group("limits")
     for flag, field, kind, unit in _LIMITS:
         limits.add_argument(
@@ -86,6 +109,10 @@ def settings_from_args(args: argparse.Namespace) -> ServiceSettings:
         raise SystemExit("--port must be in 0..65535")
     if args.disconnect_grace < 0:
         raise SystemExit("--disconnect-grace must be >= 0")
+    if not 0 < args.heartbeat < args.lease:
+        raise SystemExit("--heartbeat must be positive and shorter than --lease")
+    if any(c.isspace() or not c.isprintable() for c in args.instance_name):
+        raise SystemExit("--instance-name must be printable, without whitespace")
     limits = {field: getattr(args, flag[2:].replace("-", "_")) for flag, field, _, _ in _LIMITS}
     for flag, field, _, _ in _LIMITS:
         if limits[field] < 0 or (limits[field] == 0 and not field.endswith("_s")):
@@ -105,7 +132,10 @@ def settings_from_args(args: argparse.Namespace) -> ServiceSettings:
         database_url=args.database_url,
         models=tuple(args.models or ["default"]),
         precision=args.precision,
-    )
+        replica=ReplicaSettings(
+            instance_name=args.instance_name, lease_s=args.lease, heartbeat_s=args.heartbeat
+        ),
+    ).with_instance_name()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,10 +143,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "users":
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         return users_cli.main(args)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = settings_from_args(args)
+    logging.basicConfig(
+        level=args.log_level,
+        format=f"%(asctime)s [{settings.replica.instance_name}] %(levelname)s %(name)s: %(message)s",
+    )
     logging.getLogger("websockets").setLevel(logging.WARNING)
     try:
-        asyncio.run(run(settings_from_args(args)))
+        asyncio.run(run(settings))
     except ServiceError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -1,7 +1,8 @@
 """Start the whole service from its settings: database, models, server; stop it cleanly.
 
-Start-up order: the database (the embedded one when no URL is given), migrations, the
-``interrupted`` sweep, the models (the default one loaded), then the port. SIGINT and
+Start-up order: the database (the embedded one when no URL is given), migrations, this
+instance's lease and a first sweep of replies whose owner's lease expired
+(service.store.leases), the models (the default one loaded), then the port. SIGINT and
 SIGTERM end :func:`run`: the port stops accepting, running generations get a grace period
 to finish, then the rest are cancelled and stored, connections close,
 the engines stop and the embedded PostgreSQL is shut down (never orphaned).
@@ -21,6 +22,7 @@ from service.model_pool import ModelPool
 from service.server import ChatServer
 from service.store.durable import DurableStore
 from service.store.embedded import EmbeddedPostgres
+from service.store.leases import Instance, LeaseKeeper
 from service.store.store import Store
 
 log = logging.getLogger("service")
@@ -55,22 +57,36 @@ def _redacted(url: str) -> str:
 
 
 @contextlib.asynccontextmanager
+async def keep_lease(store: Store, settings: ServiceSettings) -> AsyncIterator[Instance]:
+    """This process as an instance that owns the replies it begins, with a lease renewed until
+    the block ends (service.store.leases); registering it also sweeps expired owners' replies."""
+    instance = Instance(settings.replica.resolved_name())  # resolved already by running_service
+    store.owner = instance.id
+    keeper = LeaseKeeper(
+        store, instance, lease_s=settings.replica.lease_s, heartbeat_s=settings.replica.heartbeat_s
+    )
+    await keeper.start()
+    try:
+        yield instance
+    finally:
+        await keeper.stop()
+
+
+@contextlib.asynccontextmanager
 async def running_service(settings: ServiceSettings) -> AsyncIterator[ChatServer]:
     """The service up and listening until the block ends (tests use this directly)."""
-    async with database(settings) as (store, where):
-        interrupted = await store.mark_interrupted()
-        if interrupted:
-            log.warning(
-                "marked %d message(s) left mid-generation by the last run as interrupted", interrupted
-            )
+    settings = settings.with_instance_name()
+    async with database(settings) as (store, where), keep_lease(store, settings) as instance:
         local_user = await store.local_user()
         models = await ModelPool.prepare(
             list(settings.models), settings.data_dir, Precision(settings.precision), settings.engine
         )
         try:
             server = ChatServer(settings, store, models, local_user)
+            server.metrics.describe_instance(instance.name, str(instance.id))
             async with server.serve():
                 log.info("database: %s", where)
+                log.info("instance: %s (id %s)", instance.name, instance.id)
                 log.info(
                     "models: %s (default %s)",
                     ", ".join(m["id"] for m in models.describe()),

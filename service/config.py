@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import socket
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 
@@ -57,6 +58,29 @@ class ServerSettings:
     allowed_hosts: tuple[str, ...] = ()  # Host names besides localhost, the --host and this machine's
 
 
+def default_instance_name() -> str:
+    """``host:pid``: distinct for every process, readable in logs (``--instance-name`` overrides)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReplicaSettings:
+    """This process as one replica among several on one database (``docs/scaling.md``).
+
+    The heartbeat renews this instance's lease every ``heartbeat_s``; the lease ends ``lease_s``
+    after the last renewal, on the database's clock. A reply whose owner's lease has ended is
+    marked ``interrupted`` by the sweeper of any replica, which runs at start and every
+    ``heartbeat_s``. ``lease_s`` must exceed ``heartbeat_s`` by enough to absorb a slow renewal.
+    """
+
+    instance_name: str = ""  # empty: default_instance_name()
+    lease_s: float = 15.0
+    heartbeat_s: float = 5.0
+
+    def resolved_name(self) -> str:
+        return self.instance_name or default_instance_name()
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ServiceSettings:
     """Everything ``python -m service`` runs with, built once from the command line."""
@@ -67,3 +91,10 @@ class ServiceSettings:
     database_url: str | None  # None: start the embedded PostgreSQL in data_dir
     models: tuple[str, ...] = ("default",)  # as named on the command line; the first is the default
     precision: str = "int8"
+    replica: ReplicaSettings = field(default_factory=ReplicaSettings)
+
+    def with_instance_name(self) -> ServiceSettings:
+        """These settings with the instance name filled in (the default when none was given)."""
+        if self.replica.instance_name:
+            return self
+        return replace(self, replica=replace(self.replica, instance_name=default_instance_name()))

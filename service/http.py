@@ -79,9 +79,11 @@ def process_request(server: ChatServer) -> ProcessRequest:
             return _respond(connection, HTTPStatus.OK, '{"status":"ok"}', "application/json")
         if path == "/readyz":
             reason = await server.ready()
+            instance = server.settings.replica.instance_name
             if reason is None:
-                return _respond(connection, HTTPStatus.OK, '{"status":"ready"}', "application/json")
-            body = orjson.dumps({"status": "unavailable", "reason": reason}).decode()
+                body = orjson.dumps({"status": "ready", "instance": instance}).decode()
+                return _respond(connection, HTTPStatus.OK, body, "application/json")
+            body = orjson.dumps({"status": "unavailable", "reason": reason, "instance": instance}).decode()
             return _respond(connection, HTTPStatus.SERVICE_UNAVAILABLE, body, "application/json")
         if path == "/metrics":
             return _respond(

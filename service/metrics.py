@@ -86,5 +86,15 @@ class Metrics:
             registry=r,
         ).set_function(unsettled)
 
+    def describe_instance(self, name: str, instance_id: str) -> None:
+        """``localchat_instance_info{instance_name, instance_id} 1``: which replica answered the
+        scrape (each replica has its own registry; Prometheus adds its own ``instance`` label)."""
+        Gauge(
+            "localchat_instance_info",
+            "This replica: its --instance-name and the id its replies are owned by",
+            ["instance_name", "instance_id"],
+            registry=self.registry,
+        ).labels(instance_name=name, instance_id=instance_id).set(1)
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -58,6 +58,9 @@ class Store:
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
+        # The instance (service.store.leases) that owns the replies this store begins; None: no
+        # owner, so any replica's sweeper treats them as orphaned.
+        self.owner: UUID | None = None
 
     @classmethod
     async def open(
@@ -105,25 +108,6 @@ class Store:
                 await self._pool.fetchval("SELECT 1")
         except _DATABASE_ERRORS as exc:
             raise StoreError(f"database unreachable: {exc!r}") from exc
-
-    async def mark_interrupted(self) -> int:
-        """Mark every message left ``generating`` (by a process that died) ``interrupted``; count them.
-
-        For the server's start: a second server starting against the same database would also
-        sweep the first one's generations in flight.
-        """
-        async with self._connection() as conn:
-            count: int = await conn.fetchval(
-                """
-                WITH swept AS (
-                    UPDATE messages SET status = 'interrupted', finished_at = now()
-                    WHERE status = 'generating'
-                    RETURNING 1
-                )
-                SELECT count(*) FROM swept
-                """
-            )
-        return count
 
     async def local_user(self) -> User:
         """The user named ``local``, who owns every chat when authentication is off."""
@@ -442,10 +426,11 @@ class Store:
                     raise StoreError(f"message id {user_message_id} is taken")
                 return _message(row)
             await conn.execute(
-                "INSERT INTO messages (id, chat_id, role, text, status, created_at) "
-                "VALUES ($1, $2, 'assistant', '', 'generating', coalesce($3, now()))",
+                "INSERT INTO messages (id, chat_id, role, text, status, owner, created_at) "
+                "VALUES ($1, $2, 'assistant', '', 'generating', $3, coalesce($4, now()))",
                 assistant_id,
                 chat_id,
+                self.owner,
                 created_at,
             )
             await conn.execute(
@@ -459,7 +444,8 @@ class Store:
         """Write how the assistant message ended, and mark its chat updated.
 
         Writing the same completion twice leaves the same row; a message whose chat was deleted
-        meanwhile is silently gone.
+        meanwhile is silently gone. The write wins over a sweeper's ``interrupted`` (the owner's
+        lease expired while the database was away, service.store.leases): more data wins.
         """
         if completion.status not in FINISHED_STATUSES:
             raise ValueError(f"a generation cannot end with status {completion.status!r}")

@@ -31,7 +31,9 @@ async def test_health_and_readiness(server: ChatServer) -> None:
     """/healthz and /readyz answer 200 with JSON once the model and database are up."""
     assert await get(server, "/healthz") == (200, "application/json", b'{"status":"ok"}')
     status, kind, body = await get(server, "/readyz")
-    assert (status, kind, orjson.loads(body)) == (200, "application/json", {"status": "ready"})
+    ready = {"status": "ready", "instance": server.settings.replica.instance_name}
+    assert (status, kind, orjson.loads(body)) == (200, "application/json", ready)
+    assert server.settings.replica.instance_name  # named even when no --instance-name was given
 
 
 async def test_readiness_fails_without_the_database(server: ChatServer) -> None:

@@ -12,6 +12,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import asyncpg
+
 from service.engine.models.registry import PreparedModel
 from tests.service.client import TIMEOUT_S, Client
 from tests.service.conftest import ServiceFactory, ws_url
@@ -84,19 +86,36 @@ async def last_message(start_service: ServiceFactory, chat: str) -> dict[str, ob
     return dict(history["messages"][-1])
 
 
+async def _until_leases_expired(database_url: str) -> None:
+    """Until no instance holds a live lease (the database's clock decides; polled, bounded)."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        deadline = asyncio.get_running_loop().time() + TIMEOUT_S
+        while await conn.fetchval("SELECT count(*) FROM instances WHERE lease_expires_at > now()"):
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.05)
+    finally:
+        await conn.close()
+
+
 async def test_a_killed_server_leaves_interrupted_replies(
     start_service: ServiceFactory, database_url: str, tiny_model: PreparedModel, tmp_path: Path
 ) -> None:
-    """A reply cut off by SIGKILL is marked ``interrupted`` by the next start."""
+    """A reply cut off by SIGKILL is marked ``interrupted`` by the next start once the dead
+    instance's lease has expired; the log names the instance."""
     args = ("--database-url", database_url, "--model", str(tiny_model.directory), "--data-dir", str(tmp_path))
-    async with service_process(*args) as service:
+    async with service_process(
+        *args, "--lease", "1", "--heartbeat", "0.2", "--instance-name", "one"
+    ) as service:
         log = b"".join(service.log).decode()
         assert "database: postgresql://***@127.0.0.1" in log
         assert f"models: {tiny_model.directory.name}" in log
+        assert " [one] INFO service: instance: one (id " in log
         client, chat = await start_long_reply(service.url)
         service.process.kill()
         await service.process.wait()
         await client.close()
+    await _until_leases_expired(database_url)
     message = await last_message(start_service, chat)
     assert (message["role"], message["status"]) == ("assistant", "interrupted")
 

@@ -1,4 +1,4 @@
-"""The history store against a real PostgreSQL: turns, paging, isolation, the startup sweep."""
+"""The history store against a real PostgreSQL: turns, paging, isolation."""
 
 from __future__ import annotations
 
@@ -172,23 +172,6 @@ async def test_text_with_nul_characters_is_stored_with_replacement_characters(
     chat_id = await _chat(store, user)
     stored = await store.begin_turn(chat_id, user_text="a\x00b", user_token_ids=[], assistant_id=uuid.uuid4())
     assert stored.text == "a\ufffdb"
-
-
-async def test_mark_interrupted_sweeps_generating_messages_and_counts_them(
-    store: Store, user: User, db: asyncpg.Connection
-) -> None:
-    """Replies left generating (a crash) become interrupted and visible; finished ones are untouched."""
-    chat_a, chat_b = await _chat(store, user), await _chat(store, user)
-    left_a = await _turn(store, chat_a, "one", reply=None)
-    left_b = await _turn(store, chat_b, "two", reply=None)
-    finished = await _turn(store, chat_b, "three")
-    assert await store.mark_interrupted() == 2
-    assert await store.mark_interrupted() == 0
-    statuses = dict(await db.fetch("SELECT id, status FROM messages WHERE role = 'assistant'"))
-    assert statuses == {left_a: "interrupted", left_b: "interrupted", finished: "complete"}
-    history = await store.messages(user.id, chat_a)
-    assert history is not None
-    assert [(m.role, m.status) for m in history] == [("user", "complete"), ("assistant", "interrupted")]
 
 
 async def test_title_comes_from_the_first_user_message(store: Store, user: User) -> None:

@@ -1,0 +1,232 @@
+"""Several replicas behind a real HAProxy on one real PostgreSQL (issue 14): routing by affinity
+key, a replica killed or restarted mid-reply, a replica cut off from the database, a drain.
+
+Leases are short here (tests/deploy/cluster.py: 1 s, heartbeat 0.2 s). Where a test waits for
+something that only shows in the database (a sweeper's update on another process), it polls
+with a bounded loop: there is no event to wait on across processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+from uuid import UUID
+
+import asyncpg
+import pytest
+
+from service.engine.models.registry import PreparedModel
+from tests.deploy.cluster import Cluster, cluster
+from tests.service.client import TIMEOUT_S, Client
+from tests.tcp_relay import tcp_relay
+
+LONG = {"temperature": 0, "max_tokens": 3000}
+SHORT = {"temperature": 0, "max_tokens": 16}
+POLL_S = 0.05  # between two looks at the database in a bounded poll
+
+
+@pytest.fixture
+async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(database_url)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+def running(database_url: str, tiny_model: PreparedModel, tmp_path: Path) -> Callable[..., Any]:
+    def start(count: int, **kwargs: Any) -> Any:
+        return cluster(
+            count, database_url=database_url, model_dir=tiny_model.directory, data_dir=tmp_path, **kwargs
+        )
+
+    return start
+
+
+async def _message(db: asyncpg.Connection, message: str) -> asyncpg.Record:
+    row = await db.fetchrow("SELECT status, text, owner FROM messages WHERE id = $1", UUID(message))
+    assert row is not None
+    return row
+
+
+async def _until_status(db: asyncpg.Connection, message: str, status: str) -> asyncpg.Record:
+    """The message once the database shows ``status`` (another process writes it: polled)."""
+    deadline = asyncio.get_running_loop().time() + TIMEOUT_S
+    while (row := await _message(db, message))["status"] != status:
+        assert asyncio.get_running_loop().time() < deadline, f"{message} stayed {row['status']}"
+        await asyncio.sleep(POLL_S)
+    return row
+
+
+def _text(client: Client, session: str) -> str:
+    return "".join(f["text"] for f in client.received if f.get("session") == session and f["type"] == "token")
+
+
+async def _start_long(client: Client, session: str) -> tuple[str, str]:
+    """(chat id, assistant message id) of a long greedy reply that has begun streaming."""
+    chat = (await client.open(session))["chat"]
+    started = await client.start(session, "Write a long story", **LONG)
+    await client.wait_for(lambda f: f.get("session") == session and f["type"] == "token")
+    return chat, started["message"]
+
+
+async def test_chats_stream_through_haproxy_and_a_key_returns_to_its_replica(
+    running: Callable[..., Any], db: asyncpg.Connection
+) -> None:
+    """A chat streams through HAProxy; the same key lands on the same replica every time, and a
+    client that reconnects with it resumes its running reply from index 0."""
+    async with running(2, extra=("--disconnect-grace", "60")) as c:
+        c: Cluster
+        client, home = await c.connect("alice")
+        chat = (await client.open("s"))["chat"]
+        reply = await client.chat("s", "hello", **SHORT)
+        assert reply.done["reason"] in ("stop", "length")
+        assert reply.text
+        assert (await _message(db, reply.started["message"]))["text"] == reply.text
+        for _ in range(3):
+            again, landed = await c.connect("alice")
+            await again.close()
+            assert landed == home
+        _, message = await _start_long(client, "long")
+        await client.close()
+        client, landed = await c.connect("alice")
+        assert landed == home
+        opened = await client.open("long", chat=chat, resume={"message": message, "index": 0})
+        assert opened["chat"] == chat
+        done = await client.wait_for(lambda f: f["type"] == "done" and f["session"] == "long")
+        assert done["reason"] == "length"
+        stored = await _message(db, message)
+        assert (stored["status"], stored["text"]) == ("complete", _text(client, "long"))
+        assert stored["owner"] == await c.instance_id(home)
+        await client.close()
+
+
+async def test_a_killed_replica_loses_only_its_own_replies(
+    running: Callable[..., Any], db: asyncpg.Connection
+) -> None:
+    """kill -9 of r1 mid-reply: a survivor marks exactly r1's reply interrupted (after r1's lease),
+    r2's reply completes in full; r1's client reconnects to r2, sees its history and continues
+    its chat re-prefilled from stored ids, greedily equal to a twin chat whose cache is warm."""
+    async with running(2) as c:
+        c: Cluster
+        key1, key2 = await c.key_for("r1"), await c.key_for("r2")
+        a, _ = await c.connect(key1)
+        b, _ = await c.connect(key2)
+        chat_a = (await a.open("short"))["chat"]
+        await b.open("short")
+        first_a, first_b = await a.chat("short", "hello", **SHORT), await b.chat("short", "hello", **SHORT)
+        assert first_a.text == first_b.text  # the same model, prompt and greedy decoding
+        long_chat_a, doomed = await _start_long(a, "long")
+        _, survivor = await _start_long(b, "long")
+        r1_id = await c.instance_id("r1")
+        c.replicas["r1"].process.kill()
+        await c.replicas["r1"].process.wait()
+        swept = await _until_status(db, doomed, "interrupted")
+        assert swept["owner"] == r1_id
+        assert (await _message(db, survivor))["status"] in ("generating", "complete")
+        done = await b.wait_for(lambda f: f["type"] == "done" and f["session"] == "long")
+        assert done["reason"] == "length"
+        kept = await _message(db, survivor)
+        assert (kept["status"], kept["text"]) == ("complete", _text(b, "long"))
+        interrupted = await db.fetch("SELECT id FROM messages WHERE status = 'interrupted'")
+        assert [str(r["id"]) for r in interrupted] == [doomed]
+
+        await a.close()
+        a, landed = await c.connect(key1)
+        assert landed == "r2"
+        history = await a.request({"type": "history", "chat": long_chat_a})
+        assert [m["status"] for m in history["messages"]][-1] == "interrupted"
+        await a.open("short", chat=chat_a)
+        again_a = await a.chat("short", "Tell me more", **SHORT)
+        again_b = await b.chat("short", "Tell me more", **SHORT)
+        assert again_a.started["cached_tokens"] == 0  # re-prefilled from the stored ids on r2
+        assert again_b.started["cached_tokens"] > 0  # the twin's cache is warm
+        assert again_a.text == again_b.text
+        await a.close()
+        await b.close()
+
+
+async def test_restarting_a_replica_leaves_the_others_replies_complete(
+    running: Callable[..., Any], db: asyncpg.Connection
+) -> None:
+    """Restarting r1 (stop, start on the same port: its start sweeps) while r2 streams leaves
+    r2's reply untouched: stored complete with its full text. (Before leases, every start
+    marked every replica's replies in flight interrupted.)"""
+    async with running(2) as c:
+        c: Cluster
+        key2 = await c.key_for("r2")
+        b, _ = await c.connect(key2)
+        _, message = await _start_long(b, "long")
+        c.replicas["r1"].process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(c.replicas["r1"].process.wait(), TIMEOUT_S) == 0
+        await c.stop("r1")
+        await c.start("r1")  # returns once r1 listens: its start-up sweep has run
+        assert (await _message(db, message))["status"] in ("generating", "complete")
+        done = await b.wait_for(lambda f: f["type"] == "done" and f["session"] == "long")
+        assert done["reason"] == "length"
+        stored = await _message(db, message)
+        assert (stored["status"], stored["text"]) == ("complete", _text(b, "long"))
+        assert await db.fetchval("SELECT count(*) FROM messages WHERE status = 'interrupted'") == 0
+        await b.close()
+
+
+async def test_an_owner_cut_off_from_the_database_past_its_lease_still_stores_the_full_reply(
+    running: Callable[..., Any], db: asyncpg.Connection, database_url: str
+) -> None:
+    """r1 reaches PostgreSQL through a relay the test cuts: its reply streams on to ``done`` (the
+    final write waits in its journal), its lease runs out and r2's sweeper marks the reply
+    interrupted; once the relay is back, r1's final write stores the full text, complete."""
+    parts = urlsplit(database_url)
+    async with tcp_relay(parts.hostname or "127.0.0.1", parts.port or 5432) as relay:
+        netloc = f"{parts.username}:{parts.password}@127.0.0.1:{relay.port}"
+        via_relay = urlunsplit(parts._replace(netloc=netloc))
+        async with running(2, replica_args={"r1": ("--database-url", via_relay)}) as c:
+            c: Cluster
+            key1 = await c.key_for("r1")
+            a, _ = await c.connect(key1)
+            chat = (await a.open("s"))["chat"]
+            started = await a.start("s", "Write a long story", temperature=0, max_tokens=300)
+            await a.wait_for(lambda f: f["type"] == "token")
+            relay.cut()
+            done = await a.wait_for(lambda f: f["type"] == "done")
+            assert done["reason"] == "length"
+            message = started["message"]
+            await _until_status(db, message, "interrupted")  # by r2, once r1's lease is over
+            relay.restore()
+            stored = await _until_status(db, message, "complete")
+            assert stored["text"] == _text(a, "s")
+            assert chat
+            await a.close()
+
+
+async def test_sigterm_drains_closes_with_1001_and_loses_nothing(
+    running: Callable[..., Any], db: asyncpg.Connection
+) -> None:
+    """SIGTERM on r1 mid-reply: the reply finishes within the grace, the client gets it all and
+    ``done``, then the close 1001 (going away) through HAProxy; it is stored complete, and the
+    client reconnecting with its key lands on r2 and finds it in its history."""
+    async with running(2, extra=("--shutdown-grace", "60")) as c:
+        c: Cluster
+        key1 = await c.key_for("r1")
+        a, _ = await c.connect(key1)
+        chat = (await a.open("s"))["chat"]
+        started = await a.start("s", "Write a long story", temperature=0, max_tokens=300)
+        await a.wait_for(lambda f: f["type"] == "token")
+        c.replicas["r1"].process.send_signal(signal.SIGTERM)
+        done = await a.wait_for(lambda f: f["type"] == "done")
+        assert done["reason"] == "length"
+        await asyncio.wait_for(a.ws.wait_closed(), TIMEOUT_S)
+        assert a.ws.close_code == 1001
+        assert await asyncio.wait_for(c.replicas["r1"].process.wait(), TIMEOUT_S) == 0
+        stored = await _message(db, started["message"])
+        assert (stored["status"], stored["text"]) == ("complete", _text(a, "s"))
+        a, landed = await c.connect(key1)
+        assert landed == "r2"
+        history = await a.request({"type": "history", "chat": chat})
+        assert history["messages"][-1]["text"] == stored["text"]
+        await a.close()
