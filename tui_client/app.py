@@ -24,6 +24,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Button, ContentSwitcher, Footer, Label, ListItem, ListView, Static
 
 from service.protocol import frames
+from tui_client.affinity import affinity_key
 from tui_client.chat_pane import ChatPane
 from tui_client.client import (
     ChatClient,
@@ -86,7 +87,9 @@ class ChatApp(App[None]):
     ) -> None:
         super().__init__()
         self.settings = settings or ClientSettings()
-        self.client = client or ChatClient(self.settings.url, token=self.settings.token)
+        self.client = client or ChatClient(
+            self.settings.url, token=self.settings.token, affinity=affinity_key(self.settings.token)
+        )
         self.client.on_event = self._post_event
         self.connect = connect
         self.models: list[frames.ModelBody] = []

@@ -36,6 +36,7 @@ from websockets.typing import Subprotocol
 
 from service.protocol import codec, frames
 from service.protocol.errors import FrameId
+from tui_client.affinity import with_affinity
 
 DEFAULT_URL = "ws://127.0.0.1:8765/ws"
 CLIENT_NAME = "localchat-tui"
@@ -175,6 +176,7 @@ class ChatClient:
     backoff: Backoff = field(default_factory=Backoff)
     open_timeout_s: float = 10.0
     client_name: str = CLIENT_NAME
+    affinity: str | None = None  # sent as ?affinity= for a load balancer (tui_client.affinity)
 
     welcome: frames.WelcomeFrame | None = field(default=None, init=False)
     sessions: dict[str, SessionState] = field(default_factory=dict, init=False)
@@ -207,7 +209,7 @@ class ChatClient:
         :class:`Unauthenticated`."""
         try:
             ws = await connect(
-                self.url,
+                with_affinity(self.url, self.affinity),
                 subprotocols=[Subprotocol(frames.PROTOCOL)],
                 open_timeout=self.open_timeout_s,
                 compression=None,

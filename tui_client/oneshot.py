@@ -12,6 +12,7 @@ import sys
 from typing import Any, TextIO
 
 from service.protocol import frames
+from tui_client.affinity import affinity_key
 from tui_client.client import ChatClient, ClientEvent, ConnectionLost, ServerError, SessionFrame
 from tui_client.settings import ClientSettings
 
@@ -42,7 +43,9 @@ async def run_oneshot(settings: ClientSettings, prompt: str, out: TextIO, err: T
         elif frame["type"] == "done" and not done.done():
             done.set_result(frame)
 
-    client = ChatClient(settings.url, token=settings.token, on_event=on_event)
+    client = ChatClient(
+        settings.url, token=settings.token, on_event=on_event, affinity=affinity_key(settings.token)
+    )
     try:
         await client.connect()
         await client.open(SESSION, model=settings.model, title=title_of(prompt), params=settings.params)

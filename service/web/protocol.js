@@ -10,6 +10,35 @@ export function wsUrl(location) {
   return `${scheme}//${location.host}/ws`;
 }
 
+// The key a load balancer in front of several replicas hashes on (deploy/haproxy.cfg), so that
+// this user keeps landing on the same replica: a hash of the token when there is one (the token
+// itself never shows in a proxy's logs), else a random id kept in this browser.
+const AFFINITY_KEY = "localchat.affinity";
+
+function fnv1a(text) {
+  let hash = 0x811c9dc5;
+  for (const byte of new TextEncoder().encode(text)) {
+    hash = Math.imul(hash ^ byte, 0x01000193) >>> 0;
+  }
+  return hash.toString(16).padStart(8, "0");
+}
+
+export function affinityKey(token, storage = localStorage) {
+  if (token) return `t${fnv1a(`a:${token}`)}${fnv1a(`b:${token}`)}`;
+  let key = storage.getItem(AFFINITY_KEY);
+  if (!key) {
+    const bytes = crypto.getRandomValues(new Uint8Array(16));
+    key = Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+    storage.setItem(AFFINITY_KEY, key);
+  }
+  return key;
+}
+
+export function withAffinity(url, key) {
+  const sep = url.includes("?") ? "&" : "?";
+  return `${url}${sep}affinity=${encodeURIComponent(key)}`;
+}
+
 export const tokenStore = {
   get: () => sessionStorage.getItem(TOKEN_KEY),
   set: (token) => sessionStorage.setItem(TOKEN_KEY, token),
@@ -36,7 +65,7 @@ export class Connection {
     this.cb.onState("connecting");
     let ws;
     try {
-      ws = new WebSocket(this.url, SUBPROTOCOL);
+      ws = new WebSocket(withAffinity(this.url, affinityKey(tokenStore.get())), SUBPROTOCOL);
     } catch (err) {
       this.scheduleRetry();
       return;
