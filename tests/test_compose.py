@@ -63,8 +63,8 @@ def _chat_services(services: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def test_services_exist(services: dict[str, dict[str, Any]]) -> None:
-    """The chat service, its GPU variant and the database are all defined."""
-    assert {"chat", "chat-gpu", "db"} <= services.keys()
+    """The chat service, its GPU variant, the load balancer and the database are all defined."""
+    assert {"chat", "chat-gpu", "haproxy", "db"} <= services.keys()
 
 
 def test_chat_waits_for_healthy_db(services: dict[str, dict[str, Any]]) -> None:
@@ -88,15 +88,41 @@ def test_db_is_postgres_with_healthcheck(services: dict[str, dict[str, Any]]) ->
     assert "pg_isready" in " ".join(db["healthcheck"]["test"])
 
 
-def test_chat_publishes_8765(services: dict[str, dict[str, Any]]) -> None:
-    """Every chat service exposes container port 8765, and chat publishes it as host port 8765."""
-    host_ports = []
-    for name in _chat_services(services):
-        ports = [str(p) for p in services[name]["ports"]]
-        assert any(p.split(":")[-1] == "8765" for p in ports), name
-        host_ports += [p.split(":")[-2] for p in ports if p.count(":") >= 1]
-    assert "8765" in [str(p).split(":")[0] for p in services["chat"]["ports"]]
-    assert len(host_ports) == len(set(host_ports)), "two chat services on one host port"
+def test_haproxy_publishes_8765_in_front_of_the_replicas(services: dict[str, dict[str, Any]]) -> None:
+    """haproxy publishes host port 8765; the chat replicas only expose 8765 to it (two replicas
+    cannot share a host port); chat-gpu publishes its own host port."""
+    assert "ports" not in services["chat"]
+    assert [str(p) for p in services["chat"]["expose"]] == ["8765"]
+    haproxy_ports = [str(p) for p in services["haproxy"]["ports"]]
+    assert haproxy_ports == ["8765:8765"]
+    assert _env(services["haproxy"])["LOCALCHAT_HAPROXY_BIND"] == ":8765"
+    gpu_ports = [str(p) for p in services["chat-gpu"]["ports"]]
+    assert any(p.split(":")[-1] == "8765" for p in gpu_ports)
+    assert {p.split(":")[0] for p in gpu_ports}.isdisjoint({p.split(":")[0] for p in haproxy_ports})
+
+
+def test_chat_runs_replicas_that_drain(services: dict[str, dict[str, Any]]) -> None:
+    """chat runs 2 replicas, and Docker waits longer than the default --shutdown-grace (10 s)
+    before it kills one, so a SIGTERM'd replica can let its replies finish."""
+    chat = services["chat"]
+    assert chat["deploy"]["replicas"] == 2
+    assert re.fullmatch(r"(\d+)s", chat["stop_grace_period"])
+    assert int(chat["stop_grace_period"][:-1]) > 10
+
+
+def test_haproxy_runs_the_repositorys_config(services: dict[str, dict[str, Any]]) -> None:
+    """haproxy mounts deploy/haproxy.cfg, whose servers are the chat service's replicas on 8765,
+    checked on /readyz, hashed consistently on the affinity key."""
+    haproxy = services["haproxy"]
+    assert haproxy["image"].startswith("haproxy:")
+    assert "chat" in haproxy["depends_on"]
+    source, target = haproxy["volumes"][0].split(":")[:2]
+    assert (ROOT / source).resolve() == ROOT / "deploy" / "haproxy.cfg"
+    assert target == "/usr/local/etc/haproxy/haproxy.cfg"
+    config = (ROOT / "deploy" / "haproxy.cfg").read_text(encoding="utf-8")
+    assert re.search(r"^\s*server-template chat \d+-\d+ chat:8765 check resolvers docker", config, re.M)
+    for line in ("hash-type consistent", "balance hash var(txn.affinity)", "uri /readyz", "timeout tunnel"):
+        assert line in config
 
 
 def test_chat_healthcheck_uses_healthz(services: dict[str, dict[str, Any]]) -> None:
