@@ -124,9 +124,11 @@ class LeaseKeeper:
                 await self._task
             self._task = None
         try:
-            await release(self.store, self.instance)
-        except StoreError as exc:
-            log.warning("could not release the lease of instance %s: %s", self.instance.name, exc)
+            # Bounded: with the database away the lease simply runs out instead of holding up the stop.
+            async with asyncio.timeout(self.heartbeat_s):
+                await release(self.store, self.instance)
+        except (StoreError, TimeoutError) as exc:
+            log.warning("could not release the lease of instance %s: %r", self.instance.name, exc)
 
     async def _run(self) -> None:
         while True:

@@ -44,6 +44,7 @@ class Cluster:
     ports: dict[str, int]
     replicas: dict[str, ServiceProcess] = field(default_factory=dict)
     replica_args: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    token: str | None = None  # what every client of the cluster says hello with (--auth token)
     _stacks: dict[str, AsyncExitStack] = field(default_factory=dict)
 
     def url(self, affinity: str) -> str:
@@ -52,7 +53,7 @@ class Cluster:
     async def connect(self, affinity: str) -> tuple[Client, str]:
         """A client that said hello through HAProxy, and the replica that took it."""
         client = await Client.connect(self.url(affinity))
-        await client.hello()
+        await client.hello(**({"token": self.token} if self.token else {}))
         assert client.ws.response is not None
         return client, client.ws.response.headers["X-Localchat-Replica"]
 
@@ -115,6 +116,7 @@ async def cluster(
     data_dir: Path,
     extra: Sequence[str] = (),
     replica_args: dict[str, tuple[str, ...]] | None = None,
+    token: str | None = None,
 ) -> AsyncIterator[Cluster]:
     haproxy = shutil.which("haproxy")
     if haproxy is None:
@@ -143,6 +145,7 @@ async def cluster(
         free_port(),
         {name: free_port() for name in names},
         replica_args=dict(replica_args or {}),
+        token=token,
     )
     work = Path(tempfile.mkdtemp(prefix="localchat-haproxy-"))
     config = work / "haproxy.cfg"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import urllib.request
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -17,11 +18,14 @@ from urllib.parse import urlsplit, urlunsplit
 from uuid import UUID
 
 import asyncpg
+import orjson
 import pytest
 
 from service.engine.models.registry import PreparedModel
 from tests.deploy.cluster import Cluster, cluster
 from tests.service.client import TIMEOUT_S, Client
+from tests.service.test_errors import expect_close
+from tests.service.test_users_cli import users
 from tests.tcp_relay import tcp_relay
 
 LONG = {"temperature": 0, "max_tokens": 3000}
@@ -234,3 +238,35 @@ async def test_sigterm_drains_closes_with_1001_and_loses_nothing(
         history = await a.request({"type": "history", "chat": chat})
         assert history["messages"][-1]["text"] == stored["text"]
         await a.close()
+
+
+async def _get(port: int, path: str) -> str:
+    def fetch() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=TIMEOUT_S) as response:
+            return str(response.read().decode())
+
+    return await asyncio.to_thread(fetch)
+
+
+async def test_revocation_reaches_every_replica_and_metrics_are_per_replica(
+    running: Callable[..., Any], database_url: str
+) -> None:
+    """``users revoke`` (NOTIFY) closes the user's connections on both replicas with 4401; each
+    replica's /metrics and /readyz, reached through HAProxy by key, name that replica."""
+    added = await users("add", "alice", "--database-url", database_url)
+    assert added.code == 0, added.err
+    async with running(2, extra=("--auth", "token"), token=added.token) as c:
+        c: Cluster
+        key1, key2 = await c.key_for("r1"), await c.key_for("r2")
+        for key, name in ((key1, "r1"), (key2, "r2")):
+            assert f'instance_name="{name}"' in await _get(c.haproxy_port, f"/metrics?affinity={key}")
+            assert orjson.loads(await _get(c.haproxy_port, f"/readyz?affinity={key}"))["instance"] == name
+        a, on_a = await c.connect(key1)
+        b, on_b = await c.connect(key2)
+        assert (on_a, on_b) == ("r1", "r2")
+        revoked = await users("revoke", "alice", "--database-url", database_url)
+        assert revoked.code == 0, revoked.err
+        for client in (a, b):
+            error = await client.wait_for(lambda f: f["type"] == "error")
+            assert error["code"] == "unauthenticated"
+            assert await expect_close(client) == 4401
