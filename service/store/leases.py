@@ -140,6 +140,9 @@ class LeaseKeeper:
                 if self._healthy:
                     log.warning("lease heartbeat failed (replies go on; retrying): %s", exc)
                 self._healthy = False
+                # After a database restart every pooled connection is dead, and each failed use
+                # drops just one: renew the whole pool so the next beat gets through at once.
+                await self.store._pool.expire_connections()
                 continue
             if not self._healthy:
                 log.info("lease heartbeat works again")
