@@ -338,3 +338,28 @@ async def test_a_reply_behind_a_full_batch_shows_queued(
             await finished(second)
         finally:
             gate.release()
+
+
+async def test_the_page_sends_a_stable_affinity_key(server: ChatServer, new_page: NewPage) -> None:
+    """The page's WebSocket carries ?affinity= for a load balancer: without a token a random id
+    kept in localStorage (the same after a reload); with one a hash that does not show it."""
+    page = await new_page(server)
+    urls: list[str] = []
+    page.on("websocket", lambda ws: urls.append(ws.url))
+    await page.reload()
+    await expect(page.locator("#conn")).to_have_text("Connected as local")
+    kept = await page.evaluate("() => localStorage.getItem('localchat.affinity')")
+    assert re.fullmatch(r"[0-9a-f]{32}", kept)
+    await page.reload()
+    await expect(page.locator("#conn")).to_have_text("Connected as local")
+    assert len(urls) >= 2  # one socket per load at least
+    assert {url.split("?", 1)[1] for url in urls} == {f"affinity={kept}"}
+    keys = await page.evaluate(
+        """async () => {
+            const { affinityKey } = await import('/static/protocol.js');
+            return [affinityKey('secret-one'), affinityKey('secret-one'), affinityKey('secret-two')];
+        }"""
+    )
+    assert keys[0] == keys[1] != keys[2]
+    assert "secret" not in keys[0]
+    assert kept not in keys
