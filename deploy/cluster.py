@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -27,13 +28,18 @@ from deploy.haproxy_local import BIND_ENV, Replica, render
 from service.paths import default_data_dir
 from service.store.embedded import EmbeddedPostgres
 
+_LISTENING = re.compile(r"listening on http://[\d.]+:(\d+)/")
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="scripts/cluster", description=__doc__.split("\n\n")[0])
     p.add_argument("replicas", type=int, help="how many replicas (1..8)")
     p.add_argument("--port", type=int, default=8765, help="HAProxy's port (default: %(default)s)")
     p.add_argument(
-        "--base-port", type=int, default=8801, help="the first replica's port (default: %(default)s)"
+        "--base-port",
+        type=int,
+        default=8801,
+        help="the first replica's port; 0: free ones (default: %(default)s)",
     )
     p.add_argument("--host", default="127.0.0.1", help="HAProxy's interface (default: %(default)s)")
     p.add_argument("--data-dir", type=Path, default=None, help="models and the embedded database")
@@ -42,17 +48,21 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _wait_listening(process: subprocess.Popen[str], name: str) -> None:
-    """Echo the replica's log until it listens, then keep echoing it in the background."""
+def _wait_listening(process: subprocess.Popen[str], name: str, echoes: list[threading.Thread]) -> int:
+    """Echo the replica's log until it listens, then keep echoing it (a thread added to
+    ``echoes``); returns the port it listens on."""
     assert process.stderr is not None
     for line in process.stderr:
         sys.stderr.write(line)
-        if "listening on http://" in line:
+        if match := _LISTENING.search(line):
             break
     else:
         raise SystemExit(f"{name} exited before it listened")
     stream = process.stderr
-    threading.Thread(target=lambda: [sys.stderr.write(line) for line in stream], daemon=True).start()
+    echo = threading.Thread(target=lambda: [sys.stderr.write(line) for line in stream], daemon=True)
+    echo.start()
+    echoes.append(echo)
+    return int(match.group(1))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,31 +80,36 @@ def main(argv: list[str] | None = None) -> int:
     if url is None:
         embedded = EmbeddedPostgres.start(data_dir)
         url = embedded.dsn
-    replicas = [Replica(f"chat-{i + 1}", "127.0.0.1", args.base_port + i) for i in range(args.replicas)]
+    names = [f"chat-{i + 1}" for i in range(args.replicas)]
+    replicas: list[Replica] = []
     work = Path(tempfile.mkdtemp(prefix="localchat-cluster-"))
     processes: list[subprocess.Popen[str]] = []
+    echoes: list[threading.Thread] = []
     proxy = None
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     try:
-        for replica in replicas:
+        for i, name in enumerate(names):
+            port = args.base_port + i if args.base_port else 0
             command = [
-                sys.executable, "-m", "service", "--host", replica.host, "--port", str(replica.port),
-                "--instance-name", replica.name, "--data-dir", str(data_dir), "--database-url", url, *extra,
+                sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port),
+                "--instance-name", name, "--data-dir", str(data_dir), "--database-url", url, *extra,
             ]  # fmt: skip
             # Own process group: Ctrl-C reaches the cluster, which drains the replicas in turn.
             process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, start_new_session=True)
             processes.append(process)
-            _wait_listening(process, replica.name)
+            replicas.append(Replica(name, "127.0.0.1", _wait_listening(process, name, echoes)))
         config = work / "haproxy.cfg"
         config.write_text(render(replicas), encoding="utf-8")
         env = {**os.environ, BIND_ENV: f"{args.host}:{args.port}"}
         proxy = subprocess.Popen([haproxy, "-db", "-f", str(config)], env=env, start_new_session=True)
+        ports = ", ".join(str(r.port) for r in replicas)
         print(
             f"\n{len(replicas)} replica(s) behind HAProxy: http://{args.host}:{args.port}/ "
-            f"(replicas on ports {replicas[0].port}..{replicas[-1].port}); Ctrl-C stops\n",
+            f"(replicas on ports {ports}); Ctrl-C stops\n",
             file=sys.stderr,
+            flush=True,
         )
         stop.wait()
     finally:
@@ -103,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
                 process.send_signal(signal.SIGTERM)
         for process in processes:
             process.wait()
+        for echo in echoes:
+            echo.join()  # the replicas' last lines (how their drain went) reach the terminal
         if proxy is not None:
             proxy.terminate()
             proxy.wait()
