@@ -22,7 +22,8 @@ import numpy as np
 
 from service.config import EngineSettings
 from service.engine.kv_cache import CacheEntry, KVCacheManager, NoFreeSlot
-from service.engine.runner import Runner
+from service.engine.model_runner import ModelRunner
+from service.engine.prefix_index import prompt_hashes
 from service.engine.sampling import Sampler
 from service.engine.scheduler import DecodeStep, PrefillStep, Scheduler
 from service.engine.sequence import Phase, Sequence
@@ -44,7 +45,8 @@ class EngineStats:
     decode_steps: int = 0
     generated_tokens: int = 0
     prefill_tokens: int = 0  # prompt positions computed
-    cached_tokens: int = 0  # prompt positions served from a chat's cache
+    cached_tokens: int = 0  # prompt positions served from a cache (the chat's own or another's)
+    shared_tokens: int = 0  # of those, positions copied from another cache of the same owner
     settled_tokens: int = 0  # decode-mode positions re-prefilled to make a cache exact
     waiting: int = 0
     running: int = 0
@@ -110,7 +112,7 @@ class GenerationStream:
 
 
 class Engine:
-    def __init__(self, runner: Runner, tokenizer: ChatTokenizer, settings: EngineSettings) -> None:
+    def __init__(self, runner: ModelRunner, tokenizer: ChatTokenizer, settings: EngineSettings) -> None:
         self.runner = runner
         self.tokenizer = tokenizer
         self.settings = settings
@@ -178,12 +180,13 @@ class Engine:
             stop=StopMatcher(params.stop),
             eos_ids=self.tokenizer.eos_token_ids,
             max_len=self.max_len,
+            prefix_hashes=prompt_hashes(prompt),
         )
         assert self._idle is not None
         self._idle.clear()
         with self._lock:
             position = self._scheduler.add(seq)
-            cached = self._kv.peek(chat, prompt)
+            cached = self._kv.peek(chat, prompt, seq.prefix_hashes)
             stream = GenerationStream(self, seq, position, min(cached, max(0, len(prompt) - 2)))
             self._streams[seq.id] = stream
             self.stats.waiting = len(self._scheduler.waiting)
@@ -255,18 +258,24 @@ class Engine:
         while self._scheduler.has_room():
             seq = self._scheduler.waiting[0]
             try:
-                entry, released = self._kv.acquire(seq.chat)
+                entry, plan, released = self._kv.acquire_for(seq.chat, seq.prompt, seq.prefix_hashes)
             except NoFreeSlot:
                 return
             self._release(released)
             self._scheduler.admit_next()
             seq.admitted_at = time.perf_counter()
             seq.entry = entry
-            reuse = entry.reusable_prefix(seq.prompt)
-            reuse = min(reuse, max(0, len(seq.prompt) - 2))
+            cap = max(0, len(seq.prompt) - 2)  # a prefill after position 0 needs two tokens
+            source = plan.source
+            if source is not None and source is not entry and min(plan.length, cap) > 0:
+                reuse = min(plan.length, cap)
+                self.runner.copy_slot(source.slot, entry.slot, reuse)
+                self._kv.record_copy(entry, source, reuse)
+                seq.shared_tokens = reuse
+            else:
+                reuse = min(entry.reusable_prefix(seq.prompt), cap)
+                self._kv.truncate(entry, reuse)
             seq.prefilled = seq.cached_tokens = reuse
-            del entry.ids[reuse:]
-            entry.exact = min(entry.exact, reuse)
 
     def _update_gauges(self) -> None:
         self.stats.waiting = len(self._scheduler.waiting)
@@ -286,17 +295,16 @@ class Engine:
             entry = step.entry
             chunk = (step.sequence.prompt if step.sequence is not None else entry.ids)[step.start : step.end]
             if step.sequence is None:
-                entry.exact = step.end
+                self._kv.record_settled(entry, step.end)
                 self.stats.settled_tokens += step.end - step.start
                 return
-            del entry.ids[step.start :]
-            entry.ids.extend(chunk)
-            entry.exact = step.end
+            self._kv.record_prefill(entry, step.start, chunk)
             seq = step.sequence
             seq.prefilled = step.end
             self.stats.prefill_tokens += step.end - step.start
             if seq.prefilled == len(seq.prompt):
                 self.stats.cached_tokens += seq.cached_tokens
+                self.stats.shared_tokens += seq.shared_tokens
                 self._scheduler.start_decoding(seq)
                 self._place_decoders()
                 self._accept(seq, logits[0], events)
@@ -371,8 +379,7 @@ class Engine:
         self, step: PrefillStep | DecodeStep, message: str, events: list[tuple[GenerationStream, _Event]]
     ) -> None:
         if isinstance(step, PrefillStep):
-            del step.entry.ids[step.start :]
-            step.entry.exact = min(step.entry.exact, step.start)
+            self._kv.truncate(step.entry, step.start)
             if step.sequence is not None:
                 self._finish(step.sequence, FinishReason.ERROR, message, events)
             return

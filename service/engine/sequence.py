@@ -37,6 +37,8 @@ class Sequence:
     entry: CacheEntry | None = None
     prefilled: int = 0  # prompt positions whose K/V are in the slot
     cached_tokens: int = 0
+    shared_tokens: int = 0  # of the cached ones, copied from another chat's cache
+    prefix_hashes: list[int] = field(default_factory=list)  # prefix_index.prompt_hashes(prompt)
     generated: list[int] = field(default_factory=list)
     text: list[str] = field(default_factory=list)
     emitted_tokens: int = 0  # generated tokens already covered by deltas
