@@ -2,10 +2,11 @@
 
 The fake's "KV cache" holds, per slot and position, the token computed there and how: in
 prompt mode (a chunk of two or more tokens, or position 0) or in decode mode (one token
-after position 0). Its logits are a hash of everything the slot holds up to the step's
-position, modes included. So, like the real model after int8 rounding, a cache holding a
-wrong token, a stale position or a decode-mode position where a recompute would hold a
-prompt-mode one continues differently, and a test comparing against a recompute sees it.
+after position 0). Its logits are random, seeded by a hash of everything the slot holds up
+to the step's position, modes included. So, like the real model after int8 rounding, a
+cache holding a wrong token, a stale position or a decode-mode position where a recompute
+would hold a prompt-mode one continues differently, and a test comparing against a
+recompute sees it.
 """
 
 from __future__ import annotations
@@ -66,10 +67,6 @@ class FakeRunner:
         )
         self._logits = np.zeros((self.slots, self.shape.vocab_size), dtype=np.float32)
 
-    @property
-    def computed_positions(self) -> int:
-        return sum(batch * seq for _, batch, seq in self.forwards)
-
     def forward(self, first_slot: int, tokens: np.ndarray, past_lengths: Sequence[int]) -> np.ndarray:
         batch, seq = tokens.shape
         assert batch == 1 or seq == 1
@@ -77,7 +74,7 @@ class FakeRunner:
         assert first_slot + batch <= self.slots
         self.forwards.append((first_slot, batch, seq))
         logits = self._logits[:batch]
-        logits.fill(0.0)
+        logits.fill(-30.0)
         for b in range(batch):
             slot, past = first_slot + b, int(past_lengths[b])
             end = past + seq
@@ -85,7 +82,8 @@ class FakeRunner:
             self.kv[slot, past:end] = tokens[b]
             self.mode[slot, past:end] = DECODE if seq == 1 and past > 0 else PROMPT
             digest = hashlib.blake2b(self.kv[slot, :end].tobytes() + self.mode[slot, :end].tobytes()).digest()
-            logits[b, self._choices[int.from_bytes(digest[:8], "little") % len(self._choices)]] = 10.0
+            rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+            logits[b, self._choices] = rng.normal(0.0, 2.0, len(self._choices))
         return logits
 
     def copy_slot(self, src: int, dst: int, length: int) -> None:

@@ -342,3 +342,19 @@ async def test_long_prompt_prefills_in_chunks_between_decode_steps(tiny_engine: 
         await newcomer.result()
     assert len(long_prompt) > 10 * chunk
     assert during >= len(long_prompt) // chunk - 1
+
+
+async def test_a_fork_gives_each_choice_what_a_lone_run_gives(tiny_engine: EngineFactory) -> None:
+    """``submit_fork``: one prefill for three seeded choices, each equal to its lone generation."""
+    params = [SamplingParams(temperature=1.0, top_k=50, seed=seed, max_tokens=16) for seed in (7, 8, 9)]
+    async with tiny_engine() as engine:
+        ids = with_system(engine, "Name three rivers.")
+        streams = engine.submit_fork([ChatKey(f"u1/n{i}") for i in range(3)], ids, params)
+        forked = [(await s.result()).token_ids for s in streams]
+        assert engine.stats.prefill_tokens == len(ids)
+        assert engine.stats.forked_tokens == 2 * len(ids)
+    async with tiny_engine() as engine:
+        alone = [
+            (await engine.submit(ChatKey(f"u{i}/x"), ids, p).result()).token_ids for i, p in enumerate(params)
+        ]
+    assert forked == alone

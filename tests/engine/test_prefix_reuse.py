@@ -18,6 +18,7 @@ from service.engine.engine import Engine
 from service.engine.prefix_index import common_prefix
 from service.engine.tokenizer import ChatMessage, ChatTokenizer
 from service.engine.types import ChatKey, FinishReason, GenerationResult, SamplingParams
+from service.errors import QueueFull
 from tests.engine.fake_runner import FakeRunner, byte_tokenizer
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12)
@@ -59,13 +60,13 @@ async def test_second_chat_of_an_owner_reuses_the_shared_system_prompt() -> None
     async with fake_engine() as (engine, runner):
         await engine.submit(ChatKey("alice/a"), first, GREEDY).result()
         await engine.wait_idle()
-        computed_before = runner.computed_positions
+        computed_before = engine.stats.prefill_tokens
         stream = engine.submit(ChatKey("alice/b"), second, GREEDY)
         result = await stream.result()
-        computed = runner.computed_positions - computed_before
+        computed = engine.stats.prefill_tokens - computed_before
     assert stream.cached_tokens == result.cached_tokens == shared
     assert runner.copies[-1][2] == shared
-    assert computed == len(second) - shared + GREEDY.max_tokens - 1
+    assert computed == len(second) - shared
     assert engine.stats.shared_tokens == shared
     assert result.token_ids == (await recompute(second)).token_ids
 
@@ -225,3 +226,68 @@ async def test_batched_generations_on_the_fake_match_alone() -> None:
         together = [(await s.result()).token_ids for s in streams]
     assert together == alone
     assert max(batch for _, batch, _ in runner.forwards) == len(prompts)
+
+
+# ---- forks: one prompt, n generations --------------------------------------------------------
+
+SEEDED = [SamplingParams(temperature=1.0, seed=seed, max_tokens=12) for seed in (1, 2, 3)]
+
+
+async def test_a_fork_prefills_its_prompt_once_and_each_choice_equals_its_own_run() -> None:
+    """``submit_fork`` computes the prompt once, copies it into the other slots, and every choice
+    gives what a lone generation with its params gives."""
+    prompt = ids("Write three words.")
+    async with fake_engine() as (engine, runner):
+        streams = engine.submit_fork([ChatKey(f"alice/api-{i}") for i in range(3)], prompt, SEEDED)
+        results = [await s.result() for s in streams]
+    assert engine.stats.prefill_tokens == len(prompt)
+    assert [length for _, _, length in runner.copies] == [len(prompt)] * 2
+    assert engine.stats.forked_tokens == 2 * len(prompt)
+    assert {s.cached_tokens for s in streams} == {r.cached_tokens for r in results} == {0}
+    alone = [(await recompute(prompt, p)).token_ids for p in SEEDED]
+    assert [r.token_ids for r in results] == alone
+    assert len({tuple(t) for t in alone}) == 3  # the seeds differ: so do the choices
+
+
+async def test_fork_followers_admitted_after_the_leader_ended_still_copy_its_prompt() -> None:
+    """With room for one generation at a time, the followers start after the leader finished,
+    from its cache and kept logits, and still equal their own runs."""
+    prompt = ids("Write three words.")
+    async with fake_engine(max_batch=1) as (engine, runner):
+        streams = engine.submit_fork([ChatKey(f"alice/api-{i}") for i in range(3)], prompt, SEEDED)
+        results = [await s.result() for s in streams]
+    assert engine.stats.prefill_tokens == len(prompt)
+    assert [length for _, _, length in runner.copies] == [len(prompt)] * 2
+    assert [r.token_ids for r in results] == [(await recompute(prompt, p)).token_ids for p in SEEDED]
+
+
+async def test_fork_followers_of_a_cancelled_leader_prefill_on_their_own() -> None:
+    """A leader cancelled before its prefill leaves the followers to compute the prompt alone,
+    with the same results."""
+    prompt = ids("Write three words.")
+    async with fake_engine(max_batch=1, max_context=BUSY_CONTEXT) as (engine, _):
+        blocker = engine.submit(ChatKey("bob/x"), ids("Hold on"), BUSY)
+        await anext(aiter(blocker))
+        streams = engine.submit_fork([ChatKey(f"alice/api-{i}") for i in range(3)], prompt, SEEDED)
+        streams[0].cancel()
+        assert (await streams[0].result()).completion_tokens == 0
+        blocker.cancel()
+        results = [await s.result() for s in streams[1:]]
+    assert [r.token_ids for r in results] == [(await recompute(prompt, p)).token_ids for p in SEEDED[1:]]
+
+
+async def test_a_fork_is_refused_whole() -> None:
+    """Mixed owners, mismatched lengths and a queue without room for all raise before anything runs."""
+    prompt = ids("Hi")
+    async with fake_engine(max_batch=1, max_waiting=2, max_context=BUSY_CONTEXT) as (engine, _):
+        with pytest.raises(ValueError, match="owner"):
+            engine.submit_fork([ChatKey("alice/a"), ChatKey("bob/a")], prompt, [GREEDY, GREEDY])
+        with pytest.raises(ValueError, match="one params per key"):
+            engine.submit_fork([ChatKey("alice/a")], prompt, [GREEDY, GREEDY])
+        running = engine.submit(ChatKey("bob/x"), ids("Hold on"), BUSY)
+        await anext(aiter(running))
+        with pytest.raises(QueueFull):
+            engine.submit_fork([ChatKey(f"alice/{i}") for i in range(3)], prompt, [GREEDY] * 3)
+        assert engine.stats.waiting == 0
+        running.cancel()
+        await running.result()
