@@ -14,7 +14,9 @@ a new generation's slot, is what that generation would have computed itself. So 
 generation starts from the longest exact prefix among its own chat's cache and the caches
 of the same owner (``prefix_index``); never another owner's. Sharing one copy of a prefix
 between slots is not possible: a model run binds each slot's ``[kv_heads, max_len,
-head_dim]`` region as one contiguous past/present buffer, so the prefix is copied.
+head_dim]`` region as one contiguous past/present buffer, so the prefix is copied. An
+entry's ``ids`` and ``exact`` change only through this manager (``truncate``, ``record_*``),
+which keeps the index true.
 
 Pure bookkeeping: no onnxruntime, no threads; the engine's worker owns one instance.
 """
