@@ -115,6 +115,24 @@ async def test_a_chat_reuses_another_chats_system_prompt_exactly(
     assert reused.token_ids == cold.token_ids
 
 
+async def test_a_stateless_request_reuses_the_previous_request_of_its_owner(
+    tiny_engine: EngineFactory,
+) -> None:
+    """A conversation resent whole under a fresh key (as the HTTP API does) reuses the previous
+    request's settled cache and continues as a recompute does."""
+    async with tiny_engine() as engine:
+        ids = prompt(engine, "Hi there")
+        turn1 = await engine.submit(ChatKey("u1/api-1"), ids, GREEDY).result()
+        ids2 = second_turn_ids(engine, ids, "Hi there", turn1, "Tell me more")
+        await engine.wait_idle()
+        resent = await engine.submit(ChatKey("u1/api-2"), ids2, GREEDY).result()
+    async with tiny_engine() as engine:
+        cold = await engine.submit(ChatKey("u1/api-3"), ids2, GREEDY).result()
+    assert resent.cached_tokens == settled_length(turn1)
+    assert cold.cached_tokens == 0
+    assert resent.token_ids == cold.token_ids
+
+
 async def test_evicted_chat_reprefills_to_the_same_continuation(tiny_engine: EngineFactory) -> None:
     """With room for one chat, a chat pushed out of the cache continues exactly as if cached."""
     async with tiny_engine(kv_slots=1, max_batch=1) as engine:
