@@ -22,7 +22,8 @@ import numpy as np
 
 from service.config import EngineSettings
 from service.engine.kv_cache import CacheEntry, KVCacheManager, NoFreeSlot
-from service.engine.runner import Runner
+from service.engine.model_runner import ModelRunner
+from service.engine.prefix_index import owner_of, prompt_hashes
 from service.engine.sampling import Sampler
 from service.engine.scheduler import DecodeStep, PrefillStep, Scheduler
 from service.engine.sequence import Phase, Sequence
@@ -44,7 +45,9 @@ class EngineStats:
     decode_steps: int = 0
     generated_tokens: int = 0
     prefill_tokens: int = 0  # prompt positions computed
-    cached_tokens: int = 0  # prompt positions served from a chat's cache
+    cached_tokens: int = 0  # prompt positions served from a cache (the chat's own or another's)
+    shared_tokens: int = 0  # of those, positions copied from another cache of the same owner
+    forked_tokens: int = 0  # prompt positions copied from a fork's leader (``submit_fork``)
     settled_tokens: int = 0  # decode-mode positions re-prefilled to make a cache exact
     waiting: int = 0
     running: int = 0
@@ -110,7 +113,7 @@ class GenerationStream:
 
 
 class Engine:
-    def __init__(self, runner: Runner, tokenizer: ChatTokenizer, settings: EngineSettings) -> None:
+    def __init__(self, runner: ModelRunner, tokenizer: ChatTokenizer, settings: EngineSettings) -> None:
         self.runner = runner
         self.tokenizer = tokenizer
         self.settings = settings
@@ -159,36 +162,67 @@ class Engine:
     def submit(self, chat: ChatKey, prompt: list[int], params: SamplingParams) -> GenerationStream:
         """Queue a generation continuing ``prompt`` for ``chat``; raises ``QueueFull``,
         ``ContextOverflow`` or ``ValueError`` (bad params) before anything starts."""
+        return self._submit([chat], prompt, [params])[0]
+
+    def submit_fork(
+        self, chats: list[ChatKey], prompt: list[int], params: list[SamplingParams]
+    ) -> list[GenerationStream]:
+        """Queue one generation per ``(chats[i], params[i])``, all continuing the same ``prompt``,
+        which is prefilled once: the first generation computes it (reusing a cache as ``submit``
+        does), the others copy its positions into their own slots and sample their first token
+        from the same logits. Every stream reports the first one's ``cached_tokens``. For
+        OpenAI's ``n``. The keys must share one owner (see ``prefix_index.owner_of``). All or
+        none are queued: raises like ``submit``, or ``ValueError`` for mismatched arguments."""
+        if not chats or len(chats) != len(params):
+            raise ValueError("submit_fork takes one or more keys and one params per key")
+        if len({owner_of(chat) for chat in chats}) != 1:
+            raise ValueError("the generations of a fork must share one owner")
+        return self._submit(list(chats), prompt, list(params))
+
+    def _submit(
+        self, chats: list[ChatKey], prompt: list[int], params: list[SamplingParams]
+    ) -> list[GenerationStream]:
         if self._loop is None:
             raise RuntimeError("engine not started")
-        params.validate()
+        for p in params:
+            p.validate()
         if not prompt:
             raise ValueError("empty prompt")
         if len(prompt) + 1 > self.max_len:
             raise ContextOverflow(
                 f"prompt of {len(prompt)} tokens leaves no room in a context of {self.max_len}"
             )
-        seq = Sequence(
-            id=GenerationId(next(self._ids)),
-            chat=chat,
-            prompt=list(prompt),
-            params=params,
-            sampler=Sampler(params),
-            detokenizer=self.tokenizer.detokenizer(),
-            stop=StopMatcher(params.stop),
-            eos_ids=self.tokenizer.eos_token_ids,
-            max_len=self.max_len,
-        )
+        hashes = prompt_hashes(prompt)
+        seqs: list[Sequence] = []
+        for chat, p in zip(chats, params, strict=True):
+            seqs.append(
+                Sequence(
+                    id=GenerationId(next(self._ids)),
+                    chat=chat,
+                    prompt=list(prompt),
+                    params=p,
+                    sampler=Sampler(p),
+                    detokenizer=self.tokenizer.detokenizer(),
+                    stop=StopMatcher(p.stop),
+                    eos_ids=self.tokenizer.eos_token_ids,
+                    max_len=self.max_len,
+                    prefix_hashes=hashes,
+                    leader=seqs[0] if seqs else None,
+                )
+            )
         assert self._idle is not None
         self._idle.clear()
         with self._lock:
-            position = self._scheduler.add(seq)
-            cached = self._kv.peek(chat, prompt)
-            stream = GenerationStream(self, seq, position, min(cached, max(0, len(prompt) - 2)))
-            self._streams[seq.id] = stream
+            positions = self._scheduler.add_all(seqs)
+            cached = min(self._kv.peek(chats[0], prompt, hashes), max(0, len(prompt) - 2))
+            streams = [
+                GenerationStream(self, seq, pos, cached) for seq, pos in zip(seqs, positions, strict=True)
+            ]
+            for stream in streams:
+                self._streams[stream.id] = stream
             self.stats.waiting = len(self._scheduler.waiting)
         self._wake.set()
-        return stream
+        return streams
 
     def cancel(self, generation: GenerationId) -> None:
         """Ask the worker to end a generation; it runs at most one more step."""
@@ -254,19 +288,84 @@ class Engine:
     def _admit(self, events: list[tuple[GenerationStream, _Event]]) -> None:
         while self._scheduler.has_room():
             seq = self._scheduler.waiting[0]
+            leader = seq.leader
+            if leader is not None and leader.phase is not Phase.PREFILL and not self._can_fork(leader):
+                seq.leader = leader = None  # the leader ended early or lost its cache: prefill alone
             try:
-                entry, released = self._kv.acquire(seq.chat)
+                if leader is None:
+                    entry, plan, released = self._kv.acquire_for(seq.chat, seq.prompt, seq.prefix_hashes)
+                else:
+                    entry, released = self._kv.acquire(seq.chat)
             except NoFreeSlot:
                 return
             self._release(released)
             self._scheduler.admit_next()
             seq.admitted_at = time.perf_counter()
             seq.entry = entry
-            reuse = entry.reusable_prefix(seq.prompt)
-            reuse = min(reuse, max(0, len(seq.prompt) - 2))
+            if leader is not None:
+                self._kv.truncate(entry, 0)
+                if self._can_fork(leader):
+                    assert leader.fork_logits is not None
+                    self._fork(leader, seq, leader.fork_logits, events)
+                else:
+                    seq.waits_for_leader = True
+                continue
+            cap = max(0, len(seq.prompt) - 2)  # a prefill after position 0 needs two tokens
+            source = plan.source
+            if source is not None and source is not entry and min(plan.length, cap) > 0:
+                reuse = min(plan.length, cap)
+                self.runner.copy_slot(source.slot, entry.slot, reuse)
+                self._kv.record_copy(entry, source, reuse)
+                seq.shared_tokens = reuse
+            else:
+                reuse = min(entry.reusable_prefix(seq.prompt), cap)
+                self._kv.truncate(entry, reuse)
             seq.prefilled = seq.cached_tokens = reuse
-            del entry.ids[reuse:]
-            entry.exact = min(entry.exact, reuse)
+
+    def _can_fork(self, leader: Sequence) -> bool:
+        """Whether the leader's prompt is in its slot, exact, with its first-token logits kept."""
+        entry = leader.entry
+        n = len(leader.prompt)
+        return (
+            leader.fork_logits is not None
+            and entry is not None
+            and self._kv.resident(entry)
+            and entry.exact >= n
+            and entry.ids[:n] == leader.prompt
+        )
+
+    def _fork(
+        self,
+        leader: Sequence,
+        seq: Sequence,
+        logits: np.ndarray,
+        events: list[tuple[GenerationStream, _Event]],
+    ) -> None:
+        """Start ``seq`` from the leader's prefilled prompt: copy it, sample from its logits."""
+        assert leader.entry is not None
+        assert seq.entry is not None
+        n = len(seq.prompt)
+        self.runner.copy_slot(leader.entry.slot, seq.entry.slot, n)
+        self._kv.record_copy(seq.entry, leader.entry, n)
+        seq.leader, seq.waits_for_leader = None, False
+        seq.prefilled = n
+        seq.cached_tokens = leader.cached_tokens
+        self.stats.forked_tokens += n
+        self._scheduler.start_decoding(seq)
+        self._place_decoders()
+        self._accept(seq, logits, events)
+
+    def _prompt_done(
+        self, seq: Sequence, logits: np.ndarray, events: list[tuple[GenerationStream, _Event]]
+    ) -> None:
+        """``seq``'s prompt is prefilled: start its followers (if it leads a fork), then itself."""
+        self._scheduler.start_decoding(seq)
+        self._place_decoders()
+        if any(f.leader is seq for f in self._scheduler.waiting):
+            seq.fork_logits = logits.copy()  # for followers not yet admitted
+        for follower in [f for f in self._scheduler.prefilling if f.leader is seq and f.waits_for_leader]:
+            self._fork(seq, follower, logits, events)
+        self._accept(seq, logits, events)
 
     def _update_gauges(self) -> None:
         self.stats.waiting = len(self._scheduler.waiting)
@@ -286,20 +385,17 @@ class Engine:
             entry = step.entry
             chunk = (step.sequence.prompt if step.sequence is not None else entry.ids)[step.start : step.end]
             if step.sequence is None:
-                entry.exact = step.end
+                self._kv.record_settled(entry, step.end)
                 self.stats.settled_tokens += step.end - step.start
                 return
-            del entry.ids[step.start :]
-            entry.ids.extend(chunk)
-            entry.exact = step.end
+            self._kv.record_prefill(entry, step.start, chunk)
             seq = step.sequence
             seq.prefilled = step.end
             self.stats.prefill_tokens += step.end - step.start
             if seq.prefilled == len(seq.prompt):
                 self.stats.cached_tokens += seq.cached_tokens
-                self._scheduler.start_decoding(seq)
-                self._place_decoders()
-                self._accept(seq, logits[0], events)
+                self.stats.shared_tokens += seq.shared_tokens
+                self._prompt_done(seq, logits[0], events)
             return
         self.stats.decode_steps += 1
         for row, seq in enumerate(step.sequences):
@@ -332,6 +428,9 @@ class Engine:
     ) -> None:
         was_decoding = seq.phase is Phase.DECODE
         seq.finish(reason, error)
+        for follower in self._scheduler.prefilling:
+            if follower.leader is seq and follower.waits_for_leader:  # prefill on its own after all
+                follower.leader, follower.waits_for_leader = None, False
         self._scheduler.remove(seq)
         if was_decoding:
             self._place_decoders()
@@ -371,8 +470,7 @@ class Engine:
         self, step: PrefillStep | DecodeStep, message: str, events: list[tuple[GenerationStream, _Event]]
     ) -> None:
         if isinstance(step, PrefillStep):
-            del step.entry.ids[step.start :]
-            step.entry.exact = min(step.entry.exact, step.start)
+            self._kv.truncate(step.entry, step.start)
             if step.sequence is not None:
                 self._finish(step.sequence, FinishReason.ERROR, message, events)
             return

@@ -9,6 +9,15 @@ wrote in decode steps are re-prefilled ("settled") once the generation ends. Wit
 a cached chat and a chat recomputed from scratch hold identical caches and continue
 identically.
 
+The same holds across chats: another chat's exact prefix, copied position by position into
+a new generation's slot, is what that generation would have computed itself. So a new
+generation starts from the longest exact prefix among its own chat's cache and the caches
+of the same owner (``prefix_index``); never another owner's. Sharing one copy of a prefix
+between slots is not possible: a model run binds each slot's ``[kv_heads, max_len,
+head_dim]`` region as one contiguous past/present buffer, so the prefix is copied. An
+entry's ``ids`` and ``exact`` change only through this manager (``truncate``, ``record_*``),
+which keeps the index true.
+
 Pure bookkeeping: no onnxruntime, no threads; the engine's worker owns one instance.
 """
 
@@ -17,6 +26,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from service.engine.prefix_index import PrefixIndex, common_prefix, owner_of
 from service.engine.types import ChatKey
 
 
@@ -26,16 +36,22 @@ class CacheEntry:
     slot: int
     ids: list[int] = field(default_factory=list)  # tokens whose K/V the slot holds, in order
     exact: int = 0  # ids[:exact] were computed in prompt mode and may be reused
-    pins: int = 0  # generations using this entry right now
+    pins: int = 0  # generations using this entry right now (or a copy reading it)
     last_used: int = 0
+    owner: str = ""  # whose caches may read this one (see ``prefix_index.owner_of``)
 
     def reusable_prefix(self, prompt: Sequence[int]) -> int:
         """Length of the longest prefix of ``prompt`` this entry can serve exactly."""
-        limit = min(self.exact, len(prompt))
-        n = 0
-        while n < limit and self.ids[n] == prompt[n]:
-            n += 1
-        return n
+        return common_prefix(self.ids, prompt, self.exact)
+
+
+@dataclass(frozen=True, slots=True)
+class Reuse:
+    """Where a generation's prompt prefix would come from: ``source`` holds ``length`` exact
+    positions of it (``source`` is the chat's own idle entry, or another one to copy from)."""
+
+    source: CacheEntry | None
+    length: int
 
 
 def chunk_end(start: int, total: int, chunk: int) -> int:
@@ -64,6 +80,7 @@ class KVCacheManager:
         self.budget_tokens = budget_tokens
         self.by_slot: list[CacheEntry | None] = [None] * slots
         self.by_key: dict[ChatKey, CacheEntry] = {}
+        self.index = PrefixIndex()
         self._clock = 0
         self.evictions = 0
 
@@ -74,12 +91,22 @@ class KVCacheManager:
     def resident_tokens(self) -> int:
         return sum(len(e.ids) for e in self.by_slot if e is not None)
 
-    def peek(self, key: ChatKey, prompt: Sequence[int]) -> int:
+    def peek(self, key: ChatKey, prompt: Sequence[int], hashes: Sequence[int] = ()) -> int:
         """How many prompt tokens a generation for ``key`` would find cached now."""
-        entry = self.by_key.get(key)
-        if entry is None or entry.pins:
-            return 0
-        return entry.reusable_prefix(prompt)
+        return self.plan(key, prompt, hashes).length
+
+    def plan(self, key: ChatKey, prompt: Sequence[int], hashes: Sequence[int] = ()) -> Reuse:
+        """The longest exact prefix of ``prompt`` a generation for ``key`` could start from: its
+        chat's idle entry, or (when longer) any resident entry of the same owner, busy or not.
+        ``hashes`` is ``prefix_index.prompt_hashes(prompt)``; without it only the chat's own
+        entry is considered."""
+        own = self.by_key.get(key)
+        idle_own = own if own is not None and not own.pins else None
+        own_length = idle_own.reusable_prefix(prompt) if idle_own is not None else 0
+        other, length = self.index.longest(owner_of(key), prompt, hashes, exclude=idle_own)
+        if other is not None and length > own_length:
+            return Reuse(other, length)
+        return Reuse(idle_own if own_length else None, own_length)
 
     def acquire(self, key: ChatKey) -> tuple[CacheEntry, list[int]]:
         """Pin the chat's entry (or a new one) for a generation.
@@ -91,7 +118,7 @@ class KVCacheManager:
         entry = self.by_key.get(key)
         if entry is None or entry.pins:
             slot = self._free_slot(released)
-            entry = CacheEntry(key=key if entry is None else None, slot=slot)
+            entry = CacheEntry(key=key if entry is None else None, slot=slot, owner=owner_of(key))
             self.by_slot[slot] = entry
             if entry.key is not None:
                 self.by_key[entry.key] = entry
@@ -116,6 +143,7 @@ class KVCacheManager:
 
     def _drop(self, entry: CacheEntry) -> None:
         self.by_slot[entry.slot] = None
+        self.index.remove(entry)
         if entry.key is not None and self.by_key.get(entry.key) is entry:
             del self.by_key[entry.key]
         self.evictions += 1
@@ -127,6 +155,7 @@ class KVCacheManager:
         released: list[int] = []
         if entry.pins == 0 and entry.key is None:
             self.by_slot[entry.slot] = None
+            self.index.remove(entry)
             released.append(entry.slot)
         while self.resident_tokens() > self.budget_tokens:
             victim = self._lru_idle()
@@ -143,6 +172,61 @@ class KVCacheManager:
             return None
         self._drop(entry)
         return entry.slot
+
+    def acquire_for(
+        self, key: ChatKey, prompt: Sequence[int], hashes: Sequence[int]
+    ) -> tuple[CacheEntry, Reuse, list[int]]:
+        """``acquire`` for a generation of ``prompt``, planning its reuse first; the entry to copy
+        from (if any) is kept from eviction while a slot is found, unless no slot is free
+        otherwise. Returns the pinned entry, the reuse still possible, released slots."""
+        plan = self.plan(key, prompt, hashes)
+        source = plan.source
+        if source is None or (source is self.by_key.get(key) and not source.pins):
+            entry, released = self.acquire(key)
+            return entry, plan, released
+        source.pins += 1
+        try:
+            entry, released = self.acquire(key)
+        except NoFreeSlot:
+            source.pins -= 1
+            entry, released = self.acquire(key)  # the source may be evicted for it
+            if not self.resident(source):
+                plan = Reuse(None, 0)
+            return entry, plan, released
+        source.pins -= 1
+        return entry, plan, released
+
+    def resident(self, entry: CacheEntry) -> bool:
+        return self.by_slot[entry.slot] is entry
+
+    def truncate(self, entry: CacheEntry, length: int) -> None:
+        """Keep only the first ``length`` positions of ``entry``."""
+        del entry.ids[length:]
+        entry.exact = min(entry.exact, length)
+        self.index.sync(entry)
+
+    def record_prefill(self, entry: CacheEntry, start: int, ids: Sequence[int]) -> None:
+        """The slot now holds ``ids`` at positions ``start..``, computed in prompt mode."""
+        if start < entry.exact:
+            self.truncate(entry, start)
+        del entry.ids[start:]
+        entry.ids.extend(ids)
+        entry.exact = len(entry.ids)
+        self.index.sync(entry)
+
+    def record_settled(self, entry: CacheEntry, end: int) -> None:
+        """Positions up to ``end`` of an idle entry were re-prefilled: exact now."""
+        entry.exact = max(entry.exact, end)
+        self.index.sync(entry)
+
+    def record_copy(self, entry: CacheEntry, source: CacheEntry, length: int) -> None:
+        """The runner copied ``source``'s first ``length`` (exact) positions into ``entry``'s slot."""
+        assert length <= source.exact, "only exact positions may be copied"
+        self.index.remove(entry)
+        entry.ids[:] = source.ids[:length]
+        entry.exact = length
+        self.index.sync(entry)
+        source.last_used = self._tick()
 
     def swap(self, a: int, b: int) -> None:
         """Record that the runner exchanged the contents of slots ``a`` and ``b``."""

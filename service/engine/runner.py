@@ -16,13 +16,15 @@ from __future__ import annotations
 import logging
 import mmap
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
+from service.engine.model_runner import ModelShape
 from service.errors import ModelError
+
+__all__ = ["ModelShape", "Runner", "available_devices", "resolve_device"]
 
 log = logging.getLogger(__name__)
 
@@ -30,18 +32,6 @@ PAST_KEY = "past_key_values.{}.key"
 PAST_VALUE = "past_key_values.{}.value"
 PRESENT_KEY = "present.{}.key"
 PRESENT_VALUE = "present.{}.value"
-
-
-@dataclass(frozen=True, slots=True)
-class ModelShape:
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    vocab_size: int
-
-    @property
-    def kv_bytes_per_token(self) -> int:
-        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * 4
 
 
 def available_devices() -> list[str]:
@@ -106,7 +96,7 @@ class _HostPool:
 
 
 class Runner:
-    """Runs the decoder graph over slots of the KV pool.
+    """Runs the decoder graph over slots of the KV pool (a ``ModelRunner``).
 
     ``forward`` takes either one slot with a chunk of tokens (prefill), or a contiguous
     range of slots with one token each (a batched decode step). Not thread-safe: the

@@ -4,7 +4,8 @@ Each step is either one prefill chunk of one sequence (a chunk with past must ru
 batch 1) or one batched decode step of every decoding sequence. When both kinds of work
 are pending they alternate, and prefill chunks are kept small while others decode, so a
 long prompt delays the running generations by at most one small chunk per token.
-Admission is FIFO from a bounded waiting queue.
+Admission is FIFO from a bounded waiting queue. A fork's follower waiting for its leader's
+prefill (``Sequence.waits_for_leader``) takes no prefill step of its own.
 """
 
 from __future__ import annotations
@@ -54,6 +55,12 @@ class Scheduler:
         running = len(self.prefilling) + len(self.decoding)
         return max(0, running + len(self.waiting) - self.max_batch)
 
+    def add_all(self, seqs: list[Sequence]) -> list[int]:
+        """Queue several sequences, all or none (``QueueFull``)."""
+        if len(self.waiting) + len(seqs) > self.max_waiting:
+            raise QueueFull(f"{len(self.waiting)} generations already waiting")
+        return [self.add(seq) for seq in seqs]
+
     def queue_position(self, seq: Sequence) -> int:
         try:
             return self.waiting.index(seq) + 1
@@ -94,10 +101,12 @@ class Scheduler:
         ``settle`` is an idle chat whose decode-mode positions may be re-prefilled; it
         runs only when no generation needs the model.
         """
-        prefill_due = bool(self.prefilling) and (not self.decoding or not self._last_was_prefill)
+        ready = next((s for s in self.prefilling if not s.waits_for_leader), None)
+        prefill_due = ready is not None and (not self.decoding or not self._last_was_prefill)
         self._last_was_prefill = prefill_due
         if prefill_due:
-            seq = self.prefilling[0]
+            seq = ready
+            assert seq is not None
             assert seq.entry is not None
             chunk = self.interleaved_chunk if self.decoding else self.prefill_chunk
             return PrefillStep(

@@ -37,6 +37,13 @@ class Sequence:
     entry: CacheEntry | None = None
     prefilled: int = 0  # prompt positions whose K/V are in the slot
     cached_tokens: int = 0
+    shared_tokens: int = 0  # of the cached ones, copied from another chat's cache
+    prefix_hashes: list[int] = field(default_factory=list)  # prefix_index.prompt_hashes(prompt)
+    # A fork (``Engine.submit_fork``): the generation that prefills the shared prompt, and,
+    # on that leader, its first-token logits kept for followers admitted after its prefill.
+    leader: Sequence | None = None
+    waits_for_leader: bool = False  # admitted, its slot empty until the leader's prefill ends
+    fork_logits: np.ndarray | None = None
     generated: list[int] = field(default_factory=list)
     text: list[str] = field(default_factory=list)
     emitted_tokens: int = 0  # generated tokens already covered by deltas

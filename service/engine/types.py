@@ -11,8 +11,9 @@ from enum import StrEnum
 from typing import NewType
 
 ChatKey = NewType("ChatKey", str)
-"""Names one conversation's KV cache. The server derives it from (user, chat id),
-so no conversation can ever be served another's cache."""
+"""Names one conversation's KV cache: ``"<owner>/<anything>"`` (the server uses
+``"<user id>/<chat id>"``). A generation may start from the cached prefix of any key of
+the same owner, the part before the first "/", and never from another owner's cache."""
 
 GenerationId = NewType("GenerationId", int)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from service.engine.engine import Engine, GenerationStream
+from service.engine.prefix_index import common_prefix
 from service.engine.tokenizer import ChatMessage
 from service.engine.types import ChatKey, Delta, FinishReason, GenerationResult, SamplingParams
 from service.errors import ContextOverflow, QueueFull
@@ -13,8 +14,20 @@ from tests.engine.conftest import EngineFactory
 GREEDY = SamplingParams(temperature=0, max_tokens=24)
 
 
+SYSTEM = (
+    "You are a patient assistant for a small bakery. Answer questions about bread, opening hours "
+    "and orders in plain, friendly sentences, and say so when you do not know."
+)
+
+
 def prompt(engine: Engine, text: str) -> list[int]:
     return engine.tokenizer.prompt_ids([{"role": "user", "content": text}])
+
+
+def with_system(engine: Engine, text: str) -> list[int]:
+    return engine.tokenizer.prompt_ids(
+        [{"role": "system", "content": SYSTEM}, {"role": "user", "content": text}]
+    )
 
 
 async def collect(stream: GenerationStream) -> tuple[list[Delta], GenerationResult]:
@@ -36,12 +49,18 @@ def second_turn_ids(
 
 async def two_turns(
     engine: Engine, chat: str, first: str, second: str, params: SamplingParams
-) -> GenerationResult:
+) -> tuple[GenerationResult, GenerationResult]:
     ids = prompt(engine, first)
     turn1 = await engine.submit(ChatKey(chat), ids, params).result()
     ids2 = second_turn_ids(engine, ids, first, turn1, second)
     await engine.wait_idle()  # the first turn's cache is settled: exact for reuse
-    return await engine.submit(ChatKey(chat), ids2, params).result()
+    return turn1, await engine.submit(ChatKey(chat), ids2, params).result()
+
+
+def settled_length(turn1: GenerationResult) -> int:
+    """What a settled first turn leaves cached: its prompt and reply, but the reply's last
+    token, which was sampled and never fed to the model."""
+    return turn1.prompt_tokens + turn1.completion_tokens - 1
 
 
 async def test_stream_deltas_concatenate_to_the_result(tiny_engine: EngineFactory) -> None:
@@ -64,15 +83,54 @@ async def test_stream_deltas_concatenate_to_the_result(tiny_engine: EngineFactor
 async def test_cached_turn_equals_recompute(tiny_engine: EngineFactory, chunk: int) -> None:
     """A second turn served from the chat's cache gives the tokens a cold recompute gives."""
     async with tiny_engine(prefill_chunk=chunk, interleaved_chunk=chunk) as engine:
-        warm = await two_turns(engine, "warm", "Hi there", "Tell me more", GREEDY)
+        warm_turn1, warm = await two_turns(engine, "warm", "Hi there", "Tell me more", GREEDY)
     async with tiny_engine(prefill_chunk=chunk) as engine:
         ids = prompt(engine, "Hi there")
         turn1 = await engine.submit(ChatKey("cold"), ids, GREEDY).result()
         ids2 = second_turn_ids(engine, ids, "Hi there", turn1, "Tell me more")
         cold = await engine.submit(ChatKey("other-chat"), ids2, GREEDY).result()
-    assert warm.cached_tokens > len(ids)
+    assert warm.cached_tokens == settled_length(warm_turn1) > len(ids)
     assert cold.cached_tokens == 0
     assert warm.token_ids == cold.token_ids
+
+
+@pytest.mark.parametrize("chunk", [2, 5, 512])
+async def test_a_chat_reuses_another_chats_system_prompt_exactly(
+    tiny_engine: EngineFactory, chunk: int
+) -> None:
+    """Two chats of one owner with one long system prompt: the second copies exactly the shared
+    prefix from the first's cache and continues as a recompute does."""
+    async with tiny_engine(prefill_chunk=chunk, interleaved_chunk=chunk) as engine:
+        first, second = (with_system(engine, text) for text in ("Hi there", "Tell me a joke"))
+        await engine.submit(ChatKey("u1/a"), first, GREEDY).result()
+        await engine.wait_idle()
+        stream = engine.submit(ChatKey("u1/b"), second, GREEDY)
+        reused = await stream.result()
+    async with tiny_engine() as engine:
+        cold = await engine.submit(ChatKey("u1/b"), second, GREEDY).result()
+    shared = common_prefix(first, second, len(second))
+    assert shared > len(engine.tokenizer.encode(SYSTEM))
+    assert stream.cached_tokens == reused.cached_tokens == shared
+    assert cold.cached_tokens == 0
+    assert reused.token_ids == cold.token_ids
+
+
+async def test_a_stateless_request_reuses_the_previous_request_of_its_owner(
+    tiny_engine: EngineFactory,
+) -> None:
+    """A conversation resent whole under a fresh key (as the HTTP API does) reuses the previous
+    request's settled cache and continues as a recompute does."""
+    async with tiny_engine() as engine:
+        ids = prompt(engine, "Hi there")
+        turn1 = await engine.submit(ChatKey("u1/api-1"), ids, GREEDY).result()
+        ids2 = second_turn_ids(engine, ids, "Hi there", turn1, "Tell me more")
+        await engine.wait_idle()
+        resent = await engine.submit(ChatKey("u1/api-2"), ids2, GREEDY).result()
+    async with tiny_engine() as engine:
+        cold = await engine.submit(ChatKey("u1/api-3"), ids2, GREEDY).result()
+    assert resent.cached_tokens == settled_length(turn1)
+    assert cold.cached_tokens == 0
+    assert resent.token_ids == cold.token_ids
 
 
 async def test_evicted_chat_reprefills_to_the_same_continuation(tiny_engine: EngineFactory) -> None:
@@ -85,9 +143,9 @@ async def test_evicted_chat_reprefills_to_the_same_continuation(tiny_engine: Eng
         evicted = await engine.submit(ChatKey("a"), ids2, GREEDY).result()
         assert engine.stats.evictions >= 1
     async with tiny_engine() as engine:
-        warm = await two_turns(engine, "a", "Once upon a time", "Go on", GREEDY)
+        warm_turn1, warm = await two_turns(engine, "a", "Once upon a time", "Go on", GREEDY)
     assert evicted.cached_tokens == 0
-    assert warm.cached_tokens > 0
+    assert warm.cached_tokens == settled_length(warm_turn1)
     assert evicted.token_ids == warm.token_ids
 
 
@@ -216,15 +274,36 @@ async def test_default_model_cached_turn_equals_recompute(default_engine: Engine
     """On SmolLM2 (int8), a cached second turn and a cold recompute give identical greedy tokens."""
     params = SamplingParams(temperature=0, max_tokens=48)
     async with default_engine() as engine:
-        warm = await two_turns(engine, "warm", "What is the capital of France?", "And of Italy?", params)
+        warm_turn1, warm = await two_turns(
+            engine, "warm", "What is the capital of France?", "And of Italy?", params
+        )
     async with default_engine(prefill_chunk=7) as engine:
         ids = prompt(engine, "What is the capital of France?")
         turn1 = await engine.submit(ChatKey("t1"), ids, params).result()
         ids2 = second_turn_ids(engine, ids, "What is the capital of France?", turn1, "And of Italy?")
         cold = await engine.submit(ChatKey("cold"), ids2, params).result()
-    assert warm.cached_tokens > 0
+    assert warm.cached_tokens == settled_length(warm_turn1)
     assert cold.cached_tokens == 0
     assert warm.token_ids == cold.token_ids
+
+
+@pytest.mark.slow
+async def test_default_model_reuses_another_chats_system_prompt_exactly(
+    default_engine: EngineFactory,
+) -> None:
+    """On SmolLM2 (int8), a chat starting from another chat's system prompt cache gives the
+    greedy tokens of a recompute."""
+    params = SamplingParams(temperature=0, max_tokens=48)
+    async with default_engine() as engine:
+        first, second = (with_system(engine, text) for text in ("Name a fruit.", "Write a haiku about rain."))
+        await engine.submit(ChatKey("u1/a"), first, params).result()
+        await engine.wait_idle()
+        reused = await engine.submit(ChatKey("u1/b"), second, params).result()
+    async with default_engine(prefill_chunk=7) as engine:
+        cold = await engine.submit(ChatKey("u2/b"), second, params).result()
+    assert reused.cached_tokens == common_prefix(first, second, len(second)) > 40
+    assert cold.cached_tokens == 0
+    assert reused.token_ids == cold.token_ids
 
 
 @pytest.mark.slow
@@ -281,3 +360,19 @@ async def test_long_prompt_prefills_in_chunks_between_decode_steps(tiny_engine: 
         await newcomer.result()
     assert len(long_prompt) > 10 * chunk
     assert during >= len(long_prompt) // chunk - 1
+
+
+async def test_a_fork_gives_each_choice_what_a_lone_run_gives(tiny_engine: EngineFactory) -> None:
+    """``submit_fork``: one prefill for three seeded choices, each equal to its lone generation."""
+    params = [SamplingParams(temperature=1.0, top_k=50, seed=seed, max_tokens=16) for seed in (7, 8, 9)]
+    async with tiny_engine() as engine:
+        ids = with_system(engine, "Name three rivers.")
+        streams = engine.submit_fork([ChatKey(f"u1/n{i}") for i in range(3)], ids, params)
+        forked = [(await s.result()).token_ids for s in streams]
+        assert engine.stats.prefill_tokens == len(ids)
+        assert engine.stats.forked_tokens == 2 * len(ids)
+    async with tiny_engine() as engine:
+        alone = [
+            (await engine.submit(ChatKey(f"u{i}/x"), ids, p).result()).token_ids for i, p in enumerate(params)
+        ]
+    assert forked == alone

@@ -7,7 +7,6 @@ from collections.abc import Callable
 import pytest
 
 from service.engine.kv_cache import CacheEntry, chunk_end
-from service.engine.models.registry import PreparedModel
 from service.engine.sampling import Sampler
 from service.engine.scheduler import DecodeStep, PrefillStep, Scheduler
 from service.engine.sequence import Phase, Sequence
@@ -15,13 +14,14 @@ from service.engine.stopping import StopMatcher
 from service.engine.tokenizer import ChatTokenizer
 from service.engine.types import ChatKey, GenerationId, SamplingParams
 from service.errors import QueueFull
+from tests.engine.fake_runner import byte_tokenizer
 
 MakeSequence = Callable[..., Sequence]
 
 
 @pytest.fixture(scope="module")
-def chat_tokenizer(tiny_model: PreparedModel) -> ChatTokenizer:
-    return ChatTokenizer.from_dir(tiny_model.directory)
+def chat_tokenizer() -> ChatTokenizer:
+    return byte_tokenizer()  # no model: the scheduler never looks at tokens
 
 
 @pytest.fixture
@@ -213,3 +213,29 @@ def test_remove_from_waiting_and_prefilling(make_seq: MakeSequence) -> None:
     sched.remove(first)
     assert not sched.prefilling
     assert sched.admit_next() is third
+
+
+def test_a_fork_follower_waiting_for_its_leader_takes_no_prefill_step(make_seq: MakeSequence) -> None:
+    """Admitted before its leader's prompt is done, a follower is skipped; the leader prefills."""
+    sched = scheduler()
+    leader, follower = make_seq(), make_seq()
+    follower.leader, follower.waits_for_leader = leader, True
+    for seq in (follower, leader):  # the follower first: it must not block the queue
+        sched.add(seq)
+        sched.admit_next()
+    step = sched.next_step(None)
+    assert isinstance(step, PrefillStep)
+    assert step.sequence is leader
+    sched.start_decoding(leader)
+    step = sched.next_step(None)
+    assert isinstance(step, DecodeStep)
+    assert step.sequences == [leader]
+
+
+def test_a_fork_is_queued_whole_or_not_at_all(make_seq: MakeSequence) -> None:
+    sched = scheduler(max_batch=1, max_waiting=3)
+    sched.add(make_seq())
+    with pytest.raises(QueueFull):
+        sched.add_all([make_seq() for _ in range(3)])
+    assert len(sched.waiting) == 1
+    assert sched.add_all([make_seq(), make_seq()]) == [1, 2]

@@ -170,16 +170,19 @@ json_values = st.recursive(
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
     max_leaves=6,
 )
+# Lone surrogates are no Unicode text: JSON can only carry them as escapes, which the server's
+# parser refuses (bad_frame) and the oracle does not model, so characters exclude them.
+CHARS = st.characters(exclude_categories=("Cs",))
 readable_ids: st.SearchStrategy[Any] = st.one_of(
     st.none(),
     INT64,
     st.text(max_size=8),
-    st.builds(lambda c, n: c * n, st.characters(), st.integers(60, 64)),
+    st.builds(lambda c, n: c * n, CHARS, st.integers(60, 64)),
 )
 bad_ids: st.SearchStrategy[Any] = st.one_of(
     st.booleans(),
     st.floats(allow_nan=False, allow_infinity=False),
-    st.builds(lambda c, n: c * n, st.characters(), st.integers(65, 300)),
+    st.builds(lambda c, n: c * n, CHARS, st.integers(65, 300)),
     st.integers(2**64, 2**80),
     st.integers(-(2**80), -(2**63) - 1),
     st.lists(scalars, max_size=2),
@@ -428,7 +431,7 @@ def bad_field(draw: st.DrawFn) -> Probe:
     elif defect == "empty":
         frame[name] = ""
     elif defect == "long":
-        frame[name] = draw(st.characters()) * draw(st.integers(MAX_CHARS[name] + 1, MAX_CHARS[name] + 300))
+        frame[name] = draw(CHARS) * draw(st.integers(MAX_CHARS[name] + 1, MAX_CHARS[name] + 300))
     elif defect == "count":
         frame[name] = draw(not_integers)
     elif defect == "small":
@@ -1061,7 +1064,7 @@ class FuzzConnection(RuleBasedStateMachine):
             frame["system"] = data.draw(short_texts | huge_texts) if data.draw(st.integers(0, 9)) else ""
         if data.draw(st.integers(0, 3)) == 0:
             frame["title"] = data.draw(
-                short_texts | st.builds(lambda c, n: c * n, st.characters(), st.integers(190, 200))
+                short_texts | st.builds(lambda c, n: c * n, CHARS, st.integers(190, 200))
             )
         chance = data.draw(st.integers(0, 9))
         if chance < 4:

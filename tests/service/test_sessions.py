@@ -183,6 +183,8 @@ async def test_resume_after_reconnect_reuses_the_resident_cache(server: ChatServ
     reply = await first.chat("s", "Hi there", **GREEDY, max_tokens=20)
     await first.close()
     await server.idle()
+    for engine in server.models.loaded():
+        await engine.wait_idle()  # the reply's positions are settled: exact for reuse
 
     second = await Client.connect(ws_url(server))
     await second.hello()
@@ -193,8 +195,10 @@ async def test_resume_after_reconnect_reuses_the_resident_cache(server: ChatServ
         ("assistant", reply.text),
     ]
     nxt = await second.chat("t", "And then?", **GREEDY, max_tokens=10)
-    assert nxt.started["cached_tokens"] > 0
-    assert nxt.done["usage"]["cached_tokens"] == nxt.started["cached_tokens"]
+    # all but the reply's last token, which was sampled and never fed to the model
+    settled = reply.done["usage"]["prompt_tokens"] + reply.done["usage"]["completion_tokens"] - 1
+    assert nxt.started["cached_tokens"] == settled
+    assert nxt.done["usage"]["cached_tokens"] == settled
     await second.close()
 
 
@@ -206,10 +210,13 @@ async def test_cold_restart_continues_exactly_like_a_cached_twin(start_service: 
         await c.hello()
         twin = (await c.open("twin"))["chat"]
         cold = (await c.open("cold"))["chat"]
-        for name in ("twin", "cold"):
-            await c.chat(name, turns[0], **GREEDY, max_tokens=24)
+        twin_first = await c.chat("twin", turns[0], **GREEDY, max_tokens=24)
+        await c.chat("cold", turns[0], **GREEDY, max_tokens=24)
+        for engine in server.models.loaded():
+            await engine.wait_idle()  # the replies' positions are settled: exact for reuse
         cached = await c.chat("twin", turns[1], **GREEDY, max_tokens=24)
-        assert cached.started["cached_tokens"] > 0
+        usage = twin_first.done["usage"]
+        assert cached.started["cached_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"] - 1
         await c.close()
     async with start_service() as server:
         c = await Client.connect(ws_url(server))
