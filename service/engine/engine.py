@@ -156,9 +156,20 @@ class Engine:
         assert self._idle is not None, "engine not started"
         await self._idle.wait()
 
-    def submit(self, chat: ChatKey, prompt: list[int], params: SamplingParams) -> GenerationStream:
+    def submit(
+        self,
+        chat: ChatKey,
+        prompt: list[int],
+        params: SamplingParams,
+        *,
+        turn_stops: tuple[str, ...] = (),
+    ) -> GenerationStream:
         """Queue a generation continuing ``prompt`` for ``chat``; raises ``QueueFull``,
-        ``ContextOverflow`` or ``ValueError`` (bad params) before anything starts."""
+        ``ContextOverflow`` or ``ValueError`` (bad params) before anything starts.
+
+        ``turn_stops`` end the generation like ``params.stop`` does; a chat turn passes the
+        tokenizer's ``turn_stops`` (a base model's transcript marks a turn's end with text).
+        """
         if self._loop is None:
             raise RuntimeError("engine not started")
         params.validate()
@@ -175,7 +186,7 @@ class Engine:
             params=params,
             sampler=Sampler(params),
             detokenizer=self.tokenizer.detokenizer(),
-            stop=StopMatcher(params.stop),
+            stop=StopMatcher((*params.stop, *turn_stops)),
             eos_ids=self.tokenizer.eos_token_ids,
             max_len=self.max_len,
         )

