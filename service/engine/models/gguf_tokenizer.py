@@ -7,7 +7,8 @@ that encoding runs in Rust:
   llama.cpp applies before BPE (Llama 3's, Qwen2's, SmolLM's digits, GPT-2's); the tables below
   map those names onto the same split.
 - ``llama``: SentencePiece BPE (Llama 2, Mistral, TinyLlama, Gemma). Spaces are written ``▁``,
-  a space is prepended to the text when ``tokenizer.ggml.add_space_prefix`` says so (the default),
+  a space is prepended to each stretch of text when ``tokenizer.ggml.add_space_prefix`` says so
+  (the default),
   characters missing from the vocabulary fall back to their UTF-8 bytes (``<0xE2>`` …), and the
   merges, which these files do not store, are recovered from the vocabulary: a token is made of
   two smaller tokens, and higher-priority tokens merge first (priority: the token's score, or its
@@ -16,7 +17,9 @@ that encoding runs in Rust:
 For both, tokens typed ``control`` become special added tokens and ``user-defined`` ones plain
 added tokens (matched whole, never split), and the file's BOS/EOS flags become the
 post-processor. The behaviour follows what transformers builds from the same file
-(``integrations/gguf``), which the tests compare against.
+(``integrations/gguf``), which the tests compare against, except where transformers is known to
+differ from the model's original tokenizer.json (and from llama.cpp): Llama 3's
+``ignore_merges``, SmolLM's digit split, and SentencePiece's dummy prefix.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ log = logging.getLogger(__name__)
 
 # gguf.TokenType values (kept local so this module does not need the gguf package).
 TOKEN_NORMAL = 1
+TOKEN_UNKNOWN = 2
 TOKEN_CONTROL = 3
 TOKEN_USER_DEFINED = 4
 TOKEN_BYTE = 6
@@ -85,10 +89,6 @@ _GPT2 = frozenset({"default", "gpt-2", "gpt2", "olmo", "jais"})
 
 # SentencePiece vocabularies whose merge order is the file order rather than the scores.
 _MERGE_BY_POSITION_ARCHS = frozenset({"gemma", "gemma2", "gemma3"})
-# SentencePiece vocabularies that prepend the space to every piece of text between added tokens
-# (the original tokenizer's normalizer does), not only to the start of the text: "  hi" is then
-# "▁▁▁hi". Nothing in the file says which; Phi-3's tokenizer.json does this.
-_PREPEND_EVERY_SEGMENT_ARCHS = frozenset({"phi3"})
 
 
 def _byte_alphabet() -> frozenset[str]:
@@ -261,14 +261,17 @@ def _recovered_merges(spec: GGUFTokenizerSpec, tokens: list[str]) -> list[tuple[
 
     Every split of a token into two tokens of the vocabulary is a merge. Merges are ranked by the
     priority of the token they make (best first), then by the longer left part; a token's own
-    splits keep the order of their parts' ids. Control and byte tokens are never merge results, so
-    text can never be merged into a control token.
+    splits keep the order of their parts' ids. Control, unknown and byte tokens are never merge
+    results, so text can never be merged into a control token.
     """
     vocab = _vocab(tokens)
     by_position = spec.architecture in _MERGE_BY_POSITION_ARCHS or len(spec.scores) != len(tokens)
     ranked: list[tuple[float, int, int, int, int, str, str]] = []
     for token_id, text in enumerate(tokens):
-        if spec.token_types[token_id] in (TOKEN_CONTROL, TOKEN_BYTE) or vocab[text] != token_id:
+        if (
+            spec.token_types[token_id] in (TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_BYTE)
+            or vocab[text] != token_id
+        ):
             continue
         priority = -float(token_id) if by_position else spec.scores[token_id]
         for cut in range(1, len(text)):
@@ -291,15 +294,15 @@ def _sentencepiece_tokenizer(spec: GGUFTokenizerSpec) -> Tokenizer:
         byte_fallback=True,
     )
     tokenizer = Tokenizer(model)
-    if spec.add_space_prefix and spec.architecture in _PREPEND_EVERY_SEGMENT_ARCHS:
-        tokenizer.normalizer = normalizers.Sequence(
-            [normalizers.Prepend(_SPIECE_SPACE), normalizers.Replace(" ", _SPIECE_SPACE)]
-        )
+    # SentencePiece's dummy prefix: "▁" before every stretch of text between added tokens, even one
+    # that starts with a space (" hi" is "▁▁hi"), as llama.cpp does and as the original Llama 2 and
+    # Phi-3 tokenizer.json files do (transformers' GGUF reader uses Metaspace, which prepends only
+    # to the start of the text and not to text that already starts with a space).
+    replace = normalizers.Replace(" ", _SPIECE_SPACE)
+    if spec.add_space_prefix:
+        tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend(_SPIECE_SPACE), replace])
     else:
-        prepend = "first" if spec.add_space_prefix else "never"
-        tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(
-            replacement=_SPIECE_SPACE, prepend_scheme=prepend, split=False
-        )
+        tokenizer.normalizer = replace
     steps = [decoders.Replace(_SPIECE_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
     if spec.add_space_prefix:
         steps.append(decoders.Strip(content=" ", left=1, right=0))
@@ -311,7 +314,8 @@ def _sentencepiece_tokenizer(spec: GGUFTokenizerSpec) -> Tokenizer:
 
 
 def _added_tokens(spec: GGUFTokenizerSpec) -> list[AddedToken]:
-    """Control tokens (special) and user-defined ones (plain), matched whole in the text.
+    """Control tokens and the unknown token (special) and user-defined ones (plain), matched
+    whole in the text.
 
     In a byte-level vocabulary every real token is spelled in the byte alphabet; one typed
     control that is not is a converter's mislabel and is left out, as transformers does.
@@ -319,7 +323,7 @@ def _added_tokens(spec: GGUFTokenizerSpec) -> list[AddedToken]:
     alphabet = _byte_alphabet() if spec.model == "gpt2" else None
     added = []
     for text, kind in zip(spec.tokens, spec.token_types, strict=True):
-        if kind == TOKEN_CONTROL and (alphabet is None or set(text) <= alphabet):
+        if kind in (TOKEN_CONTROL, TOKEN_UNKNOWN) and (alphabet is None or set(text) <= alphabet):
             added.append(AddedToken(text, special=True, normalized=False))
         elif kind == TOKEN_USER_DEFINED and (spec.model == "gpt2" or text.strip(" ")):
             added.append(AddedToken(text, special=False, normalized=False))
@@ -349,10 +353,10 @@ def _added_tokens_decoder(spec: GGUFTokenizerSpec) -> dict[str, dict[str, object
             "normalized": False,
             "rstrip": False,
             "single_word": False,
-            "special": t == TOKEN_CONTROL,
+            "special": t != TOKEN_USER_DEFINED,
         }
         for i, t in enumerate(spec.token_types)
-        if t in (TOKEN_CONTROL, TOKEN_USER_DEFINED)
+        if t in (TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED)
     }
 
 
