@@ -42,6 +42,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
 
+from service.engine.prompt_encoder import PromptEncoder
+
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
     from pathlib import Path
@@ -243,9 +245,7 @@ class ChatTokenizer:
         source = {"template": chat_template, "chatml": CHATML_TEMPLATE, "transcript": TRANSCRIPT_TEMPLATE}
         self._template = compile_chat_template(source[self.prompt_format] or "")
         self._folds_system = self._refuses_system(name)
-        # Encodes message contents: special-token strings in them are plain text.
-        self._literal = Tokenizer.from_str(tokenizer.to_str())
-        self._literal.encode_special_tokens = True
+        self._prompt_encoder = PromptEncoder(tokenizer)
 
     @classmethod
     def from_dir(cls, model_dir: Path) -> ChatTokenizer:
@@ -292,6 +292,22 @@ class ChatTokenizer:
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def decode_prompt(self, ids: Sequence[int]) -> str:
+        """The text ``ids`` stand for in a rendered prompt: like ``decode``, but each stretch
+        between added tokens is decoded on its own. A SentencePiece vocabulary prepends a space
+        to every such stretch when encoding, which a whole ``decode`` keeps after each added
+        token (``<s> [INST]``) while the rendered text has none (``<s>[INST]``)."""
+        if self._prompt_encoder.dummy_prefix == "none":
+            return self.decode(ids)
+        out: list[str] = []
+        start = 0
+        for i, token in enumerate(ids):
+            if token in self._prompt_encoder.added_ids:
+                out += [self.decode(ids[start:i]), self.decode(ids[i : i + 1])]
+                start = i + 1
+        out.append(self.decode(ids[start:]))
+        return "".join(out)
 
     def render(self, messages: Sequence[ChatMessage], add_generation_prompt: bool) -> str:
         """The prompt text of ``messages``, as transformers' ``apply_chat_template`` renders it."""
@@ -343,7 +359,7 @@ class ChatTokenizer:
             return True
 
     def prompt_ids(self, messages: Sequence[ChatMessage]) -> list[int]:
-        return self._encode_pieces(self._render_pieces(messages))
+        return self._prompt_encoder.encode(self._render_pieces(messages))
 
     def next_turn_ids(self, prior_ids: Sequence[int], messages: Sequence[ChatMessage]) -> list[int]:
         """Prompt ids for the whole conversation, keeping ``prior_ids`` as their prefix if possible.
@@ -353,18 +369,20 @@ class ChatTokenizer:
         text after what they decode to is encoded.
         """
         pieces = self._render_pieces(messages)
-        consumed = self.decode(prior_ids)
-        if "".join(text for text, _ in pieces).startswith(consumed):
-            return [*prior_ids, *self._encode_pieces(_without_prefix(pieces, len(consumed)))]
-        return self._encode_pieces(pieces)
+        consumed = self.decode_prompt(prior_ids)
+        if prior_ids and "".join(text for text, _ in pieces).startswith(consumed):
+            rest = _without_prefix(pieces, len(consumed))
+            continues = prior_ids[-1] not in self._prompt_encoder.added_ids
+            return [*prior_ids, *self._prompt_encoder.encode(rest, continues=continues)]
+        return self._prompt_encoder.encode(pieces)
 
     def _render_pieces(self, messages: Sequence[ChatMessage]) -> list[tuple[str, bool]]:
         """The rendered prompt as (text, is_message_content) pieces.
 
         Message contents are what users (and the model) wrote: a ``<|im_start|>`` typed in
         them must stay text, never become a control token that forges a turn. So the template
-        is rendered with a unique marker in place of each content, and the contents are later
-        encoded with special tokens off. A template that drops or repeats a content (the
+        is rendered with a unique marker in place of each content, and ``PromptEncoder`` keeps
+        special tokens off inside contents. A template that drops or repeats a content (the
         markers do not come back exactly once each) is rendered plainly instead.
         """
         prepared = self._prepared(messages)
@@ -385,14 +403,6 @@ class ChatTokenizer:
         for i, text in enumerate(pieces):
             out.append((prepared[int(text)]["content"], True) if i % 2 else (text, False))
         return out
-
-    def _encode_pieces(self, pieces: Sequence[tuple[str, bool]]) -> list[int]:
-        ids: list[int] = []
-        for text, is_content in pieces:
-            if text:
-                encoder = self._literal if is_content else self.tokenizer
-                ids += encoder.encode(text, add_special_tokens=False).ids
-        return ids
 
     def detokenizer(self) -> IncrementalDetokenizer:
         return IncrementalDetokenizer(self.tokenizer)
