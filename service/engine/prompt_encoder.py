@@ -5,8 +5,9 @@ A rendered chat prompt is template text (holding the template's own special toke
 ``<|im_start|>system`` typed there must stay text. ``tokenizers`` matches special tokens in all
 of the text or in none of it, so the prompt is cut here instead:
 
-1. template text is split at every added token (special or not), contents only at the
-   non-special ones (user-defined tokens such as Gemma's ``\\n\\n`` are matched in any text);
+1. the text is split at every added token, longest first as ``tokenizers`` matches them, except
+   at a special token that would take characters from a message (user-defined tokens such as
+   Gemma's ``\\n\\n`` are matched in any text, across a message's edge too);
 2. the text between two added tokens (a *stretch*) is encoded as one string, with special
    tokens off.
 
@@ -70,7 +71,8 @@ class PromptEncoder:
         added = tokenizer.get_added_tokens_decoder()
         self._ids = {token.content: token_id for token_id, token in sorted(added.items(), reverse=True)}
         self.added_ids = frozenset(added)
-        self._in_template = _alternation([t.content for t in added.values()])
+        self._special = frozenset(t.content for t in added.values() if t.special)
+        self._any_added = _alternation([t.content for t in added.values()])
         self._in_content = _alternation([t.content for t in added.values() if not t.special])
         config = json.loads(tokenizer.to_str())
         self.dummy_prefix = _without_dummy_prefix(config)
@@ -97,17 +99,32 @@ class PromptEncoder:
         return ids
 
     def _parts(self, pieces: Sequence[tuple[str, bool]]) -> list[str | int]:
+        """The prompt's text cut at its added tokens: ids for those, text between them."""
+        text = "".join(piece for piece, _ in pieces)
+        if self._any_added is None:
+            return [text]
+        contents = []
+        at = 0
+        for piece, is_content in pieces:
+            if is_content:
+                contents.append((at, at + len(piece)))
+            at += len(piece)
         parts: list[str | int] = []
-        for text, is_content in pieces:
-            pattern = self._in_content if is_content else self._in_template
-            if pattern is None:
-                parts.append(text)
-                continue
-            pos = 0
-            for match in pattern.finditer(text):
-                parts += [text[pos : match.start()], self._ids[match.group()]]
-                pos = match.end()
-            parts.append(text[pos:])
+        pos = last = 0
+        while match := self._any_added.search(text, pos):
+            start, end = match.span()
+            token = match.group()
+            if token in self._special and any(a < end and start < b for a, b in contents):
+                # A special token that would take text from a message: not one. A plain added
+                # token may still start here (they are matched in any text, as tokenizers does).
+                plain = None if self._in_content is None else self._in_content.match(text, start)
+                if plain is None:
+                    pos = start + 1
+                    continue
+                token, end = plain.group(), plain.end()
+            parts += [text[last:start], self._ids[token]]
+            pos = last = end
+        parts.append(text[last:])
         return parts
 
     def _encode_stretch(self, text: str, starts_stretch: bool, at_start: bool) -> list[int]:
