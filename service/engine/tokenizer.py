@@ -197,6 +197,10 @@ def is_chat_model(model_dir: Path) -> bool:
     config = _read_json(model_dir / "tokenizer_config.json")
     if _chat_template_source(model_dir, config) is not None:
         return True
+    added = config.get("added_tokens_decoder")
+    if isinstance(added, dict):  # cheaper than loading a 262k-token tokenizer.json
+        contents = {token.get("content") for token in added.values() if isinstance(token, dict)}
+        return {"<|im_start|>", "<|im_end|>"} <= contents
     return _has_chatml_tokens(Tokenizer.from_file(str(model_dir / "tokenizer.json")))
 
 
