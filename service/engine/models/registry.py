@@ -139,10 +139,12 @@ def describe_dir(model_id: str, directory: Path) -> PreparedModel:
 
 
 def _is_chat_model(directory: Path) -> bool:
+    """Whether the model chats through a template (see ``is_chat_model``). A tokenizer that
+    cannot be read counts as a chat model here: loading it fails later, with its own error."""
     try:
         return is_chat_model(directory)
-    except Exception as exc:  # tokenizers raises a plain Exception on a bad tokenizer.json
-        raise ModelError(f"cannot read the tokenizer of {directory}: {exc}") from exc
+    except Exception:  # tokenizers raises a plain Exception on a bad tokenizer.json
+        return True
 
 
 def _onnx_file(directory: Path) -> Path | None:
