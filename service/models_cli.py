@@ -19,8 +19,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from service.engine.models.gguf_inspect import Report, inspect_gguf
 from service.engine.models.gguf_tokenizer import build_tokenizer, read_gguf_tokenizer
-from service.engine.models.inspect import Report, inspect_gguf
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
