@@ -1,7 +1,8 @@
 """``python -m service``: the chat service (WebSocket ``/ws``, the page, health and metrics).
 
 ``python -m service users add|list|revoke`` manages the users of ``--auth token``
-(:mod:`service.users_cli`). The engine's terminal demo is ``python -m service.engine.demo``;
+(:mod:`service.users_cli`); ``python -m service models tokenize|inspect`` looks into a GGUF
+file (:mod:`service.models_cli`). The engine's terminal demo is ``python -m service.engine.demo``;
 model preparation alone is ``python -m service.engine.models prepare``.
 """
 
@@ -13,7 +14,7 @@ import logging
 import os
 import sys
 
-from service import users_cli
+from service import models_cli, users_cli
 from service.app import run
 from service.cli import add_engine_arguments, data_dir, engine_settings
 from service.config import ReplicaSettings, ServerSettings, ServiceSettings
@@ -99,8 +100,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     add_engine_arguments(parser, several_models=True)
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    # No subcommand: the server. `users ...`: manage the accounts of --auth token.
-    users_cli.add_users_command(parser.add_subparsers(dest="command", metavar="COMMAND"))
+    # No subcommand: the server. `users ...`: manage the accounts of --auth token. `models ...`:
+    # look into a GGUF file.
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    users_cli.add_users_command(commands)
+    models_cli.add_models_command(commands)
     return parser
 
 
@@ -143,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "users":
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         return users_cli.main(args)
+    if args.command == "models":
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        return models_cli.main(args)
     settings = settings_from_args(args)
     logging.basicConfig(
         level=args.log_level,

@@ -15,7 +15,10 @@ _DEFAULTS = EngineSettings()
 def add_model_arguments(parser: argparse.ArgumentParser, *, several: bool = False) -> argparse._ArgumentGroup:
     """--model, --precision, --data-dir: which model (or models), built how, cached where."""
     group = parser.add_argument_group("model")
-    what = "'default' (SmolLM2-135M-Instruct), a .gguf file, an ONNX dir or org/name"
+    what = (
+        "'default' (SmolLM2-135M-Instruct), 'gemma3-270m' (a base model), a .gguf file, "
+        "an ONNX dir or org/name"
+    )
     if several:
         group.add_argument(
             "--model",

@@ -352,7 +352,7 @@ class Connection:
         session.messages = messages
         session.token_ids = prompt
         try:
-            stream = engine.submit(session.key, prompt, sampling)
+            stream = engine.submit(session.key, prompt, sampling, turn_stops=engine.tokenizer.turn_stops)
         except (QueueFull, ContextOverflow, ValueError) as exc:
             code = ErrorCode.OVERLOADED if isinstance(exc, QueueFull) else ErrorCode.LIMIT
             await self.server.store.finish_message(message_id, _failed_completion(str(exc), len(prompt)))

@@ -75,6 +75,7 @@ class ModelPool:
                 context_length=min(entry.model.context_length, self._settings.max_context),
                 loaded=entry.engine is not None,
                 default=model_id == self.default_id,
+                chat=entry.model.chat,
             )
             for model_id, entry in self._entries.items()
         ]

@@ -360,6 +360,11 @@ class ChatApp(App[None]):
         choice = await self.push_screen_wait(ModelScreen(self.models, pane.model if pane else None))
         if choice is None or pane is None:
             return
+        if any(m["id"] == choice and m.get("chat") is False for m in self.models):
+            self.notify(
+                f"{choice} is a base model, not a chat model: it continues a plain "
+                "'User: … / Assistant: …' transcript rather than following instructions."
+            )
         self.default_model = choice
         if pane.chat is None:
             pane.model = choice

@@ -170,6 +170,7 @@ class ModelScreen(ModalScreen[str | None]):
                     f"{m['id']}  ({m['context_length']} ctx"
                     + (", default" if m["default"] else "")
                     + (", loaded" if m["loaded"] else "")
+                    + (", base model: plain transcript" if m.get("chat") is False else "")
                     + ")",
                     id=m["id"],
                 )

@@ -92,7 +92,8 @@ async def _chat(args: argparse.Namespace) -> int:
                 continue
             messages.append({"role": "user", "content": text})
             prompt = engine.tokenizer.next_turn_ids(consumed, messages)
-            result = await _stream(engine.submit(ChatKey("demo"), prompt, params))
+            stops = engine.tokenizer.turn_stops
+            result = await _stream(engine.submit(ChatKey("demo"), prompt, params, turn_stops=stops))
             print(f"\n{_summary(result)}", file=sys.stderr)
             messages.append({"role": "assistant", "content": result.text})
             consumed = prompt + result.token_ids

@@ -159,13 +159,29 @@ class Engine:
         assert self._idle is not None, "engine not started"
         await self._idle.wait()
 
-    def submit(self, chat: ChatKey, prompt: list[int], params: SamplingParams) -> GenerationStream:
+    def submit(
+        self,
+        chat: ChatKey,
+        prompt: list[int],
+        params: SamplingParams,
+        *,
+        turn_stops: tuple[str, ...] = (),
+    ) -> GenerationStream:
         """Queue a generation continuing ``prompt`` for ``chat``; raises ``QueueFull``,
-        ``ContextOverflow`` or ``ValueError`` (bad params) before anything starts."""
-        return self._submit([chat], prompt, [params])[0]
+        ``ContextOverflow`` or ``ValueError`` (bad params) before anything starts.
+
+        ``turn_stops`` end the generation like ``params.stop`` does; a chat turn passes the
+        tokenizer's ``turn_stops`` (a base model's transcript marks a turn's end with text).
+        """
+        return self._submit([chat], prompt, [params], turn_stops)[0]
 
     def submit_fork(
-        self, chats: list[ChatKey], prompt: list[int], params: list[SamplingParams]
+        self,
+        chats: list[ChatKey],
+        prompt: list[int],
+        params: list[SamplingParams],
+        *,
+        turn_stops: tuple[str, ...] = (),
     ) -> list[GenerationStream]:
         """Queue one generation per ``(chats[i], params[i])``, all continuing the same ``prompt``,
         which is prefilled once: the first generation computes it (reusing a cache as ``submit``
@@ -177,10 +193,14 @@ class Engine:
             raise ValueError("submit_fork takes one or more keys and one params per key")
         if len({owner_of(chat) for chat in chats}) != 1:
             raise ValueError("the generations of a fork must share one owner")
-        return self._submit(list(chats), prompt, list(params))
+        return self._submit(list(chats), prompt, list(params), turn_stops)
 
     def _submit(
-        self, chats: list[ChatKey], prompt: list[int], params: list[SamplingParams]
+        self,
+        chats: list[ChatKey],
+        prompt: list[int],
+        params: list[SamplingParams],
+        turn_stops: tuple[str, ...],
     ) -> list[GenerationStream]:
         if self._loop is None:
             raise RuntimeError("engine not started")
@@ -203,7 +223,7 @@ class Engine:
                     params=p,
                     sampler=Sampler(p),
                     detokenizer=self.tokenizer.detokenizer(),
-                    stop=StopMatcher(p.stop),
+                    stop=StopMatcher((*p.stop, *turn_stops)),
                     eos_ids=self.tokenizer.eos_token_ids,
                     max_len=self.max_len,
                     prefix_hashes=hashes,

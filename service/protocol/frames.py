@@ -147,6 +147,9 @@ class ModelBody(TypedDict):
     context_length: int
     loaded: bool
     default: bool
+    # False for a base (completion) model without a chat template: its chats are a plain
+    # "User:/Assistant:" transcript. Absent (older servers): a chat model.
+    chat: NotRequired[bool]
 
 
 class ChatSummaryBody(TypedDict):

@@ -214,6 +214,7 @@ async function submit(id) {
       if (opened.type !== "opened") throw new Error(opened.message || opened.code);
       s.chat = opened.chat;
       s.model = opened.model;
+      noteBaseModel(s);
       setTitle(s, title);
       refreshChats();
     }
@@ -252,6 +253,7 @@ async function openChat(chatId) {
     const listed = pastTitles.get(chatId);
     setTitle(s, listed || null);
     showHistory(s, opened.messages);
+    noteBaseModel(s);
   } catch (err) {
     s.log.replaceChildren(el("p", { class: "note", text: `Could not open the chat: ${err.message}` }));
     s.chat = null;
@@ -354,13 +356,30 @@ function dispatch(frame) {
   }
 }
 
+// Models without a chat template (`chat: false`): the server chats with them through a plain
+// "User: … / Assistant: …" transcript.
+const baseModels = new Set();
+
 function setModels(list) {
   const previous = dom.model.value;
+  baseModels.clear();
   const options = list.map((m) => {
-    const text = m.loaded === false ? `${m.id} (not loaded)` : m.id;
+    if (m.chat === false) baseModels.add(m.id);
+    const notes = [m.chat === false ? "base model" : "", m.loaded === false ? "not loaded" : ""].filter(Boolean);
+    const text = notes.length ? `${m.id} (${notes.join(", ")})` : m.id;
     return el("option", { value: m.id, text, selected: previous ? m.id === previous : m.default });
   });
   dom.model.replaceChildren(...options);
+}
+
+function noteBaseModel(s) {
+  if (!baseModels.has(s.model)) return;
+  s.log.prepend(
+    el("p", {
+      class: "note base-model",
+      text: `${s.model} is a base model, not a chat model: it continues a plain "User: … / Assistant: …" transcript rather than following instructions.`,
+    }),
+  );
 }
 
 // --- connection ---------------------------------------------------------------------------------

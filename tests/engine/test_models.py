@@ -25,7 +25,7 @@ from tests.conftest import CACHE_DIR
 from tests.engine.tiny_model import TINY_CONTEXT, TINY_HEAD_DIM, TINY_KV_HEADS, TINY_LAYERS, write_tiny_gguf
 
 MODEL_FILES = {"model.onnx", "model.onnx.data", "tokenizer.json", "tokenizer_config.json"}
-MODEL_FILES |= {"genai_config.json", "localchat.json"}
+MODEL_FILES |= {"genai_config.json", "generation_config.json", "localchat.json"}
 
 
 @pytest.fixture(scope="module")

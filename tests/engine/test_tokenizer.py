@@ -34,9 +34,10 @@ def test_export_writes_hf_tokenizer_files(tokenizer_dir: Path) -> None:
     assert (tokenizer_dir / "tokenizer_config.json").is_file()
 
 
-def test_eos_is_im_end(tok: ChatTokenizer) -> None:
-    """SmolLM2's end-of-sequence token is <|im_end|>, id 2."""
-    assert tok.eos_token_ids == frozenset({IM_END})
+def test_end_tokens_are_im_end_and_endoftext(tok: ChatTokenizer) -> None:
+    """SmolLM2's end-of-sequence token is <|im_end|> (id 2); <|endoftext|> (id 0), the other
+    control token named like an end, stops a generation too."""
+    assert tok.eos_token_ids == frozenset({0, IM_END})
     assert tok.eos_token == "<|im_end|>"
 
 
@@ -62,10 +63,11 @@ def test_special_tokens_are_single_ids_and_no_bos(tok: ChatTokenizer) -> None:
     assert tok.decode(ids, skip_special_tokens=True) == "user\nHi\n"
 
 
-def test_sentencepiece_gguf_is_not_supported() -> None:
-    """A 'llama' (SentencePiece) GGUF tokenizer raises NotImplementedError."""
-    spec = GGUFTokenizerSpec(model="llama", pre="default", tokens=["a"], token_types=[1], merges=[])
-    with pytest.raises(NotImplementedError):
+def test_unknown_tokenizer_kind_is_not_supported() -> None:
+    """A GGUF tokenizer kind other than 'gpt2' and 'llama' (here BERT's WordPiece) raises
+    NotImplementedError naming it."""
+    spec = GGUFTokenizerSpec(model="bert", pre="default", tokens=["a"], token_types=[1], merges=[])
+    with pytest.raises(NotImplementedError, match="'bert'"):
         build_tokenizer(spec)
 
 

@@ -12,8 +12,12 @@ import pytest
 
 from service.app import running_service
 from service.config import EngineSettings, ServerSettings, ServiceSettings
-from service.engine.models.registry import PreparedModel
+from service.engine.models.onnx_builder import Precision
+from service.engine.models.prepare import prepare_gguf
+from service.engine.models.registry import PreparedModel, describe_dir
 from service.server import ChatServer
+from tests.engine.gguf_files import llama_vocab
+from tests.engine.tiny_model import write_tiny_gguf
 from tests.protocol.schema_check import validate_server_frame
 from tests.service.client import Client
 
@@ -33,6 +37,16 @@ def service_settings(database_url: str, tiny_model: PreparedModel, tmp_path: Pat
         database_url=database_url,
         models=(str(tiny_model.directory),),
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_base_model(tmp_path_factory: pytest.TempPathFactory) -> PreparedModel:
+    """A tiny random Llama with Llama 2's SentencePiece vocabulary and no chat template (nor
+    ChatML tokens): a base model, which chats through the plain transcript."""
+    work = tmp_path_factory.mktemp("tiny-base")
+    gguf_path = write_tiny_gguf(work / "tiny-base.gguf", llama_vocab("llama-spm"))
+    directory = prepare_gguf(gguf_path, work / "tiny-base", precision=Precision.INT8, progress=False)
+    return describe_dir("tiny-base", directory)
 
 
 @pytest.fixture

@@ -283,10 +283,10 @@ async def test_chats_history_and_delete(client: Client, server: ChatServer) -> N
 
 
 async def test_models_and_ping(client: Client, server: ChatServer) -> None:
-    """``models`` lists the loaded default; ``ping`` gets ``pong`` with the id echoed."""
+    """``models`` lists the loaded default (a chat model); ``ping`` gets ``pong`` with the id echoed."""
     models = await client.request({"type": "models"})
     assert models["models"] == [
-        {"id": server.models.default_id, "context_length": 256, "loaded": True, "default": True}
+        {"id": server.models.default_id, "context_length": 256, "loaded": True, "default": True, "chat": True}
     ]
     pong = await client.request({"type": "ping"})
     assert pong["type"] == "pong"

@@ -2,4 +2,4 @@
 
 from __future__ import annotations
 
-from tests.service.conftest import server, service_settings, start_service  # noqa: F401
+from tests.service.conftest import server, service_settings, start_service, tiny_base_model  # noqa: F401

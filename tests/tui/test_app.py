@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-import pytest
-from textual.widgets import Button, Input, Label, ListItem
+import dataclasses
 
+import pytest
+from textual.widgets import Button, Input, Label, ListItem, OptionList
+
+from service.app import running_service
+from service.config import ServiceSettings
+from service.engine.models.registry import PreparedModel
 from service.server import ChatServer
 from tests.service.conftest import ServiceFactory
 from tests.tui.helpers import (
@@ -202,3 +207,28 @@ async def test_dialogs_settings_rename_model_newline_and_delete(server: ChatServ
         await pilot.press("y")
         await until(app, lambda: not browser.chats)
         assert await chats(server) == []
+
+
+async def test_a_base_model_is_marked_in_the_model_picker(
+    service_settings: ServiceSettings, tiny_base_model: PreparedModel
+) -> None:
+    """Ctrl+L lists a model without a chat template as a base model, and picking it says that it
+    continues a plain transcript."""
+    models = (*service_settings.models, str(tiny_base_model.directory))
+    async with running_service(dataclasses.replace(service_settings, models=models)) as server:
+        app, _ = live_app(server)
+        async with app.run_test(size=SIZE) as pilot:
+            await connected(app)
+            await pilot.press("ctrl+l")
+            await settle(pilot, lambda: isinstance(app.screen, ModelScreen))
+            options = app.screen.query_one(OptionList)
+            labels = [str(options.get_option_at_index(i).prompt) for i in range(options.option_count)]
+            assert [label for label in labels if "base model" in label] == [
+                "tiny-base  (256 ctx, base model: plain transcript)"
+            ]
+            options.highlighted = labels.index(labels[-1])
+            await pilot.press("enter")
+            await settle(pilot, lambda: not isinstance(app.screen, ModelScreen))
+            assert current(app).model == "tiny-base"
+            notes = [str(n.message) for n in app._notifications]
+            assert any("tiny-base is a base model" in note for note in notes), notes

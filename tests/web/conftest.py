@@ -13,7 +13,7 @@ import pytest
 from playwright.async_api import Browser, ConsoleMessage, Page, async_playwright
 
 from service.server import ChatServer
-from tests.service.conftest import server, service_settings, start_service  # noqa: F401
+from tests.service.conftest import server, service_settings, start_service, tiny_base_model  # noqa: F401
 
 CHROMIUM = os.environ.get("LOCALCHAT_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 import secrets
 import uuid
@@ -11,6 +12,9 @@ from typing import Any
 
 from playwright.async_api import Dialog, Locator, Page, expect
 
+from service.app import running_service
+from service.config import ServiceSettings
+from service.engine.models.registry import PreparedModel
 from service.server import ChatServer
 from service.store.records import token_hash
 from tests.completions import completion
@@ -363,3 +367,21 @@ async def test_the_page_sends_a_stable_affinity_key(server: ChatServer, new_page
     assert keys[0] == keys[1] != keys[2]
     assert "secret" not in keys[0]
     assert kept not in keys
+
+
+async def test_a_base_model_is_marked_as_such(
+    service_settings: ServiceSettings, tiny_base_model: PreparedModel, new_page: NewPage
+) -> None:
+    """The model picker marks a model without a chat template as a base model, and a chat on it
+    says, above the conversation, that it continues a plain transcript."""
+    models = (*service_settings.models, str(tiny_base_model.directory))
+    async with running_service(dataclasses.replace(service_settings, models=models)) as server:
+        page = await new_page(server)
+        picker = page.get_by_role("combobox", name="Model")
+        await expect(picker.locator("option", has_text="tiny-base")).to_have_text(
+            "tiny-base (base model, not loaded)"
+        )
+        await picker.select_option("tiny-base")
+        await finished(await send(page, "Once upon a time"))
+        note = pane(page).locator(".note.base-model")
+        await expect(note).to_contain_text("tiny-base is a base model, not a chat model")

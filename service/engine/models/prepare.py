@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from tqdm import tqdm
 
 from service.engine.models.gguf_source import GGUFSource
-from service.engine.models.gguf_tokenizer import GGUFTokenizerSpec, write_tokenizer_dir
+from service.engine.models.gguf_tokenizer import GGUFTokenizerSpec, read_gguf_tokenizer, write_tokenizer_dir
 from service.engine.models.onnx_builder import Precision, build_llama_graph, save_model
 from service.errors import ModelError
 
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 # Bump whenever the graph, tokenizer files or configs we write change: it is part of every
 # cache key, so old prepared directories are rebuilt rather than reused.
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 MANIFEST_NAME = "localchat.json"
 MANIFEST_FORMAT = 1
 MODEL_FILE = "model.onnx"
@@ -97,6 +97,12 @@ def _build_into(
 ) -> None:
     source = GGUFSource(gguf_path)
     config = source.config
+    # The tokenizer first: a file whose vocabulary cannot be converted fails before the long part.
+    try:
+        spec = read_gguf_tokenizer(gguf_path)
+        write_tokenizer_dir(spec, work)
+    except (NotImplementedError, ValueError) as exc:
+        raise ModelError(f"cannot convert the tokenizer of {gguf_path}: {exc}") from exc
     context_length = max_positions or config.context_length
     accuracy_level = ACCURACY_LEVELS[precision]
     with tqdm(
@@ -125,11 +131,6 @@ def _build_into(
         save_model(model, str(work / MODEL_FILE))
     del model
 
-    try:
-        spec = GGUFTokenizerSpec.from_reader(source.reader)
-        write_tokenizer_dir(spec, work)
-    except (NotImplementedError, ValueError) as exc:
-        raise ModelError(f"cannot convert the tokenizer of {gguf_path}: {exc}") from exc
     genai = genai_config(source, spec, context_length)
     _write_json(work / GENAI_CONFIG_NAME, genai)
     manifest = {

