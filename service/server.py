@@ -196,7 +196,9 @@ class ChatServer:
     # ---- shared state --------------------------------------------------------------------
 
     def _connected_user_ids(self) -> set[UUID]:
-        return {c.user.id for c in self.websockets.connections if c.user is not None}
+        """Users with an open connection or a running reply (an API request's, say)."""
+        connected = {c.user.id for c in self.websockets.connections if c.user is not None}
+        return connected | {r.user_id for r in self.core.replies.running.values()}
 
     def end_user_sessions(self, user_id: UUID) -> None:
         """The user's token was revoked: close their connections (4401) and cancel their
