@@ -43,6 +43,17 @@ SERVER_NAME = "localchat/0.1"
 _CLOSE_CONNECTIONS_S = 5  # at shutdown, how long open connections get to close
 
 
+class _ClientFaultsAreInfo(logging.Filter):
+    """uvicorn logs a client's invalid UTF-8 as an error with a traceback; it is the client's
+    fault (answered with close 1007), so it is logged as one line at INFO."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and record.getMessage().startswith("Invalid UTF-8"):
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.exc_info = record.exc_text = None
+        return True
+
+
 class ChatServer:
     def __init__(self, settings: ServiceSettings, store: Store, models: ModelPool, local_user: User) -> None:
         self.settings = settings
@@ -118,6 +129,9 @@ class ChatServer:
             timeout_graceful_shutdown=_CLOSE_CONNECTIONS_S,
         )
         config.load()
+        uvicorn_log = logging.getLogger("uvicorn.error")
+        client_faults = _ClientFaultsAreInfo()
+        uvicorn_log.addFilter(client_faults)
         server = uvicorn.Server(config)
         server.lifespan = config.lifespan_class(config)
         await server.startup()
@@ -137,6 +151,7 @@ class ChatServer:
                     await watch
             await self.shutdown()
             await server.shutdown()
+            uvicorn_log.removeFilter(client_faults)
 
     @property
     def port(self) -> int:
