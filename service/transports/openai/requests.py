@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from service.engine.tokenizer import ChatMessage
-from service.transports.openai.errors import ApiError, bad_request, unsupported
+from service.transports.openai.errors import bad_request, unsupported
 
 # Fields other servers accept that would change the answer's meaning here: refused by name.
 _UNSUPPORTED = ("tools", "functions", "audio", "prediction", "web_search_options")
@@ -211,5 +211,3 @@ def _fields(common: Common) -> dict[str, Any]:
         "include_usage": common.include_usage,
     }
 
-
-__all__ = ["ApiError", "ChatRequest", "CompletionRequest", "chat_request", "completion_request"]
