@@ -210,4 +210,3 @@ def _fields(common: Common) -> dict[str, Any]:
         "stream": common.stream,
         "include_usage": common.include_usage,
     }
-
