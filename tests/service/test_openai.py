@@ -18,7 +18,7 @@ import pytest
 from openai import AsyncOpenAI, OpenAI
 
 from service.core.reply import Reply
-from service.engine.types import FinishReason
+from service.engine.types import ChatKey, FinishReason, SamplingParams
 from service.server import ChatServer
 from service.store.records import token_hash
 from tests.engine_gate import GateFactory
@@ -193,8 +193,11 @@ async def test_the_second_request_of_a_conversation_reuses_the_first(
     answer = first.choices[0].message.content or ""
     follow = [*HELLO, {"role": "assistant", "content": answer}, {"role": "user", "content": "And then?"}]
     second = await api.chat.completions.create(model=model_id(server), messages=follow, **GREEDY)  # type: ignore[arg-type]
-    prompt = engine.tokenizer.prompt_ids(HELLO)
-    resident = prompt + engine.tokenizer.encode(answer)
+    prompt = engine.tokenizer.prompt_ids(HELLO)  # type: ignore[arg-type]
+    # What the first request's cache holds: its prompt and every generated id but the last
+    # (sampled, never fed). Another owner's run of the same greedy generation tells them.
+    probe = engine.submit(ChatKey("probe/first"), prompt, SamplingParams(temperature=0, max_tokens=12))
+    resident = prompt + (await probe.result()).token_ids[:-1]
     follow_ids = engine.tokenizer.prompt_ids(follow)  # type: ignore[arg-type]
     shared = next(
         (i for i, (a, b) in enumerate(zip(resident, follow_ids, strict=False)) if a != b), len(resident)
