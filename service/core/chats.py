@@ -3,8 +3,9 @@
 Transports call it with what the client asked for and map its typed errors (``NotFound``,
 ``Busy``, ``Draining``, ``TooManyRequests``, ``InvalidParams``, ``ModelError``, and the
 engine's ``QueueFull`` and ``ContextOverflow``) to their own error frames or statuses.
-Admission is the engine's: a turn is submitted first and its store writes follow, so a
-refused request leaves no trace in the history.
+Admission is the engine's: a chat turn asks it (``Engine.check``) before the user's message
+is stored, so a refused turn leaves no trace, and is submitted once it is stored (the
+message is stored before generation starts, as the contract says).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from service.core.reply import Finisher, Reply
 from service.engine.engine import Engine
 from service.engine.tokenizer import ChatMessage
 from service.engine.types import ChatKey, FinishReason, GenerationResult, SamplingParams
-from service.errors import Busy, Draining, InvalidParams, NotFound, TooManyRequests
+from service.errors import Busy, Draining, InvalidParams, NotFound, ServiceError, TooManyRequests
 from service.model_pool import ModelPool
 from service.protocol import codec, frames
 from service.store.records import Completion, StoredMessage, User, parse_id
@@ -53,6 +54,22 @@ def completion(result: GenerationResult) -> Completion:
         total_ms=result.total_ms,
         tokens_per_s=result.tokens_per_s,
         error=result.error,
+    )
+
+
+def _refused(message: str, prompt_tokens: int) -> Completion:
+    return Completion(
+        text="",
+        token_ids=[],
+        status="error",
+        prompt_tokens=prompt_tokens,
+        cached_tokens=0,
+        completion_tokens=0,
+        queued_ms=0.0,
+        ttft_ms=None,
+        total_ms=0.0,
+        tokens_per_s=0.0,
+        error=message,
     )
 
 
@@ -151,8 +168,9 @@ class ChatCore:
     async def send(
         self, conversation: Conversation, text: str, params: frames.Params, *, sent_at: float
     ) -> Reply:
-        """Start the next turn of ``conversation``: the engine admits it, then the user's
-        message and the reply's place are stored. The reply runs unattached: attach a sink."""
+        """Start the next turn of ``conversation``: the engine admits it, the user's message and
+        the reply's place are stored, then it is submitted. The reply runs unattached: attach
+        a sink."""
         conversation.fold_finished()
         if conversation.generating:
             raise Busy("this session is already generating")
@@ -161,20 +179,29 @@ class ChatCore:
         engine = conversation.engine
         messages = [*conversation.messages, ChatMessage(role="user", content=text)]
         prompt = engine.tokenizer.next_turn_ids(conversation.token_ids, messages)
-        reply = self._submit(
-            engine, conversation.key, conversation.user_id, conversation.chat_id, prompt, sampling, sent_at
-        )
+        engine.check(prompt, sampling)  # InvalidParams, ContextOverflow, QueueFull
         offset = common_prefix(conversation.token_ids, prompt)
+        message_id = uuid.uuid4()
+        await self.store.begin_turn(
+            conversation.chat_id,
+            user_text=text,
+            user_token_ids=prompt[offset:],
+            prompt_offset=offset,
+            assistant_id=message_id,
+        )
         try:
-            await self.store.begin_turn(
+            reply = self._submit(
+                engine,
+                conversation.key,
+                conversation.user_id,
                 conversation.chat_id,
-                user_text=text,
-                user_token_ids=prompt[offset:],
-                prompt_offset=offset,
-                assistant_id=reply.message_id,
+                prompt,
+                sampling,
+                sent_at,
+                message_id=message_id,
             )
-        except BaseException:
-            reply.abandon()
+        except ServiceError as exc:  # the queue filled up since the check: the turn ends as an error
+            await self.store.finish_message(message_id, _refused(str(exc), len(prompt)))
             raise
         reply.placed.set()
         conversation.messages = messages
@@ -247,10 +274,11 @@ class ChatCore:
         prompt: list[int],
         sampling: SamplingParams,
         sent_at: float,
+        message_id: UUID | None = None,
     ) -> Reply:
         stream = engine.submit(key, prompt, sampling)  # QueueFull, ContextOverflow, InvalidParams
         reply = Reply(
-            message_id=uuid.uuid4(),
+            message_id=message_id or uuid.uuid4(),
             chat_id=chat_id,
             user_id=user_id,
             prompt_ids=prompt,
