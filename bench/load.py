@@ -46,21 +46,21 @@ from bench.common import (  # noqa: E402
     write_json,
 )
 from bench.ws_client import SessionClient  # noqa: E402
-from service import connection as connection_module  # noqa: E402
 from service.app import running_service  # noqa: E402
 from service.config import EngineSettings, ServerSettings, ServiceSettings  # noqa: E402
+from service.core import chats as chats_module  # noqa: E402
+from service.core.reply import Reply as CoreReply  # noqa: E402
 from service.engine.engine import Engine  # noqa: E402
 from service.engine.models.onnx_builder import Precision  # noqa: E402
 from service.engine.models.registry import parse_model_arg, resolve  # noqa: E402
 from service.engine.types import Delta, GenerationResult  # noqa: E402
-from service.generation import Generation  # noqa: E402
 
 SYSTEM = "You are a concise assistant."
 TOPICS = ("rivers", "bridges", "owls", "tea", "glaciers", "clocks", "maps", "bees")
 
 
-class StampedGeneration(Generation):
-    """A generation that notes when the engine delivered each token (on the event loop)."""
+class StampedGeneration(CoreReply):
+    """A reply that notes when the engine delivered each token (on the event loop)."""
 
     yielded: ClassVar[dict[tuple[str, int], float]] = {}  # (message id, token index) -> time
 
@@ -217,8 +217,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     model = resolve(
         parse_model_arg(args.model), args.data_dir, precision=Precision(args.precision), progress=True
     )
-    # Every generation the service starts from now on stamps its tokens.
-    connection_module.Generation = StampedGeneration  # type: ignore[attr-defined]
+    # Every reply the service starts from now on stamps its tokens.
+    chats_module.Reply = StampedGeneration  # type: ignore[attr-defined]
     engine_stats: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="localchat-load-") as scratch:
         settings = ServiceSettings(

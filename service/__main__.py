@@ -1,4 +1,5 @@
-"""``python -m service``: the chat service (WebSocket ``/ws``, the page, health and metrics).
+"""``python -m service``: the chat service (WebSocket ``/ws``, the OpenAI-compatible API under
+``/v1``, the page, health and metrics).
 
 ``python -m service users add|list|revoke`` manages the users of ``--auth token``
 (:mod:`service.users_cli`); ``python -m service models tokenize|inspect`` looks into a GGUF
@@ -27,6 +28,7 @@ _LIMITS = (
     ("--max-connections", "max_connections", int, "N"),
     ("--max-sessions", "max_sessions", int, "N"),
     ("--max-frame-bytes", "max_frame_bytes", int, "BYTES"),
+    ("--max-body-bytes", "max_body_bytes", int, "BYTES"),
     ("--max-tokens", "max_tokens", int, "N"),
     ("--hello-timeout", "hello_timeout_s", float, "SECONDS"),
     ("--send-timeout", "send_timeout_s", float, "SECONDS"),

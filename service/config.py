@@ -54,6 +54,8 @@ class ServerSettings:
     send_timeout_s: float = 30.0  # a client that reads nothing this long is dropped
     max_queued_frames: int = 1024  # replies a client may leave unread before it is dropped
     shutdown_grace_s: float = 10.0  # on SIGTERM, running generations may finish this long
+    max_body_bytes: int = 1024 * 1024  # an HTTP API request body larger than this: 413
+    sse_keepalive_s: float = 15.0  # a streaming API response sends a comment line this often
     allowed_origins: tuple[str, ...] = ()  # browser origins besides the service's own
     allowed_hosts: tuple[str, ...] = ()  # Host names besides localhost, the --host and this machine's
 

@@ -5,6 +5,12 @@
  ├── ``EngineError``       the decoder failed while running a generation
  │    └── ``ContextOverflow`` a prompt does not fit the model's context
  ├── ``QueueFull``         the engine's waiting queue is at its bound
+ ├── ``InvalidParams``     sampling parameters out of range (also a ``ValueError``)
+ ├── ``Refused``           the chat core turns a request away
+ │    ├── ``NotFound``        no such chat (or not the caller's)
+ │    ├── ``Busy``            the conversation is already generating
+ │    ├── ``TooManyRequests`` the caller already runs as many generations as allowed
+ │    └── ``Draining``        the server is shutting down
  ├── ``UserExists``        ``users add``: a user of that name already holds a live token
  └── ``StoreError``        the history database is unreachable, or refuses or fails a query
       ├── ``ChatGone``           a write named a chat deleted meanwhile
@@ -33,6 +39,30 @@ class ContextOverflow(EngineError):
 
 class QueueFull(ServiceError):
     """The engine's waiting queue is full; try again later."""
+
+
+class InvalidParams(ServiceError, ValueError):
+    """A sampling parameter is out of range; the message names it."""
+
+
+class Refused(ServiceError):
+    """The chat core turns a request away; every transport maps the subclasses."""
+
+
+class NotFound(Refused):
+    """No such chat, or one of another user's (the two are never told apart)."""
+
+
+class Busy(Refused):
+    """The conversation already has a reply generating."""
+
+
+class TooManyRequests(Refused):
+    """The caller already runs as many generations at once as a connection may."""
+
+
+class Draining(Refused):
+    """The server is shutting down and starts no new generation."""
 
 
 class StoreError(ServiceError):

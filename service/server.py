@@ -1,10 +1,9 @@
-"""The chat server: shared state of all connections, and the ``websockets`` server itself.
+"""The chat server: the chat core and the transports wired together on one port.
 
-``ChatServer.serve()`` listens on one port for both the WebSocket endpoint ``/ws``
-(subprotocol ``chat.v1``) and the plain HTTP endpoints of :mod:`service.http`. Each
-connection runs in :class:`service.connection.Connection`; the generations they start
-are tracked here so that shutdown, deletion and reattachment after a dropped
-connection can reach them.
+``ChatServer.serve()`` runs uvicorn on one port with the ASGI application of
+:mod:`service.transports.asgi`: the WebSocket endpoint ``/ws`` (subprotocol ``chat.v1``,
+carried by uvicorn's implementation on the ``websockets`` library's sans-I/O protocol),
+the page and the plain HTTP endpoints, and the OpenAI-compatible API under ``/v1``.
 """
 
 from __future__ import annotations
@@ -12,62 +11,47 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 from uuid import UUID
 
-from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.typing import Subprotocol
+import uvicorn
+from starlette.applications import Starlette
+from starlette.routing import Mount, Route
 
-from service import http
 from service.access import AccessPolicy
 from service.config import ServiceSettings
-from service.connection import Connection
-from service.engine.types import FinishReason, GenerationResult
-from service.generation import Generation
-from service.metrics import CancelCause, Metrics
+from service.core.chats import ChatCore
+from service.core.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from service.core.metrics import Metrics
+from service.core.reply import Reply
+from service.engine.types import GenerationResult
 from service.model_pool import ModelPool
-from service.protocol import frames
-from service.protocol.frames import PROTOCOL
 from service.revocations import watch_revocations
-from service.session import chat_key
-from service.store.records import Completion, User, parse_id
+from service.store.records import User, parse_id
 from service.store.store import Store
+from service.transports.asgi import Gateway
+from service.transports.http import pages
+from service.transports.openai.routes import openai_routes
+from service.transports.ws.connection import Connection
+from service.transports.ws.endpoint import WebSocketEndpoint
 
 log = logging.getLogger(__name__)
 
 SERVER_NAME = "localchat/0.1"
-CHAT_V1 = Subprotocol(PROTOCOL)
-
-_STORED_STATUS = {
-    FinishReason.STOP: "complete",
-    FinishReason.LENGTH: "complete",
-    FinishReason.CANCELLED: "cancelled",
-    FinishReason.ERROR: "error",
-}
+_CLOSE_CONNECTIONS_S = 5  # at shutdown, how long open connections get to close
 
 
-def completion(result: GenerationResult) -> Completion:
-    """What the database keeps of a finished generation."""
-    return Completion(
-        text=result.text,
-        token_ids=result.token_ids,
-        status=_STORED_STATUS[result.reason],
-        prompt_tokens=result.prompt_tokens,
-        cached_tokens=result.cached_tokens,
-        completion_tokens=result.completion_tokens,
-        queued_ms=result.queued_ms,
-        ttft_ms=result.ttft_ms,
-        total_ms=result.total_ms,
-        tokens_per_s=result.tokens_per_s,
-        error=result.error,
-    )
+class _ClientFaultsAreInfo(logging.Filter):
+    """uvicorn logs a client's invalid UTF-8 as an error with a traceback; it is the client's
+    fault (answered with close 1007), so it is logged as one line at INFO."""
 
-
-def _select_subprotocol(connection: ServerConnection, offered: Sequence[Subprotocol]) -> Subprotocol | None:
-    """Accept ``chat.v1`` when offered; a client that offers none is served all the same."""
-    return CHAT_V1 if CHAT_V1 in offered else None
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and record.getMessage().startswith("Invalid UTF-8"):
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.exc_info = record.exc_text = None
+        return True
 
 
 class ChatServer:
@@ -90,64 +74,116 @@ class ChatServer:
             allowed_hosts=settings.server.allowed_hosts,
             allowed_origins=settings.server.allowed_origins,
         )
-        self._generations: dict[UUID, Generation] = {}
-        self.draining = False
-        self._connections: dict[ServerConnection, Connection] = {}
-        self._changed = asyncio.Event()  # pulsed when a connection closes or a generation starts
-        self._server: Server | None = None
+        self.core = ChatCore(
+            settings.server,
+            store,
+            models,
+            self.metrics,
+            local_user,
+            on_change=self._pulse,
+            record=lambda reply, result: self.store_result(reply, result),
+        )
+        self._changed = asyncio.Event()  # pulsed when a connection closes or a reply starts
+        self._uvicorn: uvicorn.Server | None = None
         self._closing: set[asyncio.Task[None]] = set()  # connections being closed by the server
+        self.websockets = WebSocketEndpoint(
+            self,
+            self.access,
+            lambda: self.port,
+            settings.server.max_connections,
+            on_change=self._pulse,
+            on_count=self.metrics.connections.inc,
+        )
+        http = Starlette(
+            routes=[
+                Mount("/v1", routes=openai_routes(self.core, settings.server)),
+                *pages.routes(
+                    ready=self.ready,
+                    metrics=self.metrics.exposition,
+                    metrics_type=METRICS_CONTENT_TYPE,
+                    instance=settings.replica.instance_name,
+                ),
+                Route("/{path:path}", pages.not_found, methods=pages.ANY_METHOD),
+            ]
+        )
+        self.app = Gateway(self.access, http, self.websockets)
 
     # ---- serving -------------------------------------------------------------------------
 
     @asynccontextmanager
-    async def serve(self) -> AsyncIterator[Server]:
+    async def serve(self) -> AsyncIterator[ChatServer]:
         s = self.settings.server
-        async with serve(
-            self._handler,
-            s.host,
-            s.port,
-            select_subprotocol=_select_subprotocol,
-            process_request=http.process_request(self),
-            max_size=s.max_frame_bytes,
-            ping_interval=s.ping_interval_s,
-            ping_timeout=s.ping_timeout_s,
-            server_header=SERVER_NAME,
+        config = uvicorn.Config(
+            self.app,
+            host=s.host,
+            port=s.port,
+            http="h11",
+            ws="websockets-sansio",
+            lifespan="off",
+            ws_max_size=s.max_frame_bytes,
+            ws_ping_interval=s.ping_interval_s,
+            ws_ping_timeout=s.ping_timeout_s,
             # Token frames are a few bytes: deflate costs more CPU per frame than it saves.
-            compression=None,
-        ) as server:
-            self._server = server
-            watch = None
-            if s.auth == "token":
-                watch = asyncio.create_task(
-                    watch_revocations(self.store, self._connected_user_ids, self.end_user_sessions),
-                    name="revocation-watch",
-                )
-            try:
-                yield server
-            finally:
-                if watch is not None:
-                    watch.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await watch
-                await self.shutdown()
+            ws_per_message_deflate=False,
+            server_header=False,
+            headers=[("Server", SERVER_NAME)],
+            log_config=None,
+            access_log=False,
+            timeout_graceful_shutdown=_CLOSE_CONNECTIONS_S,
+        )
+        config.load()
+        uvicorn_log = logging.getLogger("uvicorn.error")
+        client_faults = _ClientFaultsAreInfo()
+        uvicorn_log.addFilter(client_faults)
+        server = uvicorn.Server(config)
+        server.lifespan = config.lifespan_class(config)
+        await server.startup()
+        self._uvicorn = server
+        watch = None
+        if s.auth == "token":
+            watch = asyncio.create_task(
+                watch_revocations(self.store, self._connected_user_ids, self.end_user_sessions),
+                name="revocation-watch",
+            )
+        try:
+            yield self
+        finally:
+            if watch is not None:
+                watch.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watch
+            await self.shutdown()
+            # uvicorn would close open WebSockets with 1012 (service restart); the contract says
+            # 1001 (going away), after every reply is stored.
+            await asyncio.gather(*(c.end_going_away() for c in self.websockets.connections))
+            await server.shutdown()
+            uvicorn_log.removeFilter(client_faults)
 
     @property
     def port(self) -> int:
-        assert self._server is not None
-        return int(self._server.sockets[0].getsockname()[1])
+        assert self._uvicorn is not None
+        return int(self._uvicorn.servers[0].sockets[0].getsockname()[1])
 
     @property
     def connection_count(self) -> int:
-        return len(self._connections)
+        return len(self.websockets.connections)
 
     @property
     def connections(self) -> list[Connection]:
-        return list(self._connections.values())
+        return list(self.websockets.connections)
 
     @property
     def generation_count(self) -> int:
-        """Generations running or being stored."""
-        return len(self._generations)
+        """Replies running or being stored."""
+        return len(self.core.replies)
+
+    @property
+    def _generations(self) -> dict[UUID, Reply]:
+        return self.core.replies.running
+
+    @property
+    def draining(self) -> bool:
+        return self.core.draining
 
     def _pulse(self) -> None:
         self._changed.set()
@@ -155,126 +191,57 @@ class ChatServer:
 
     async def wait_until(self, predicate: Callable[[], bool]) -> None:
         """Wait until ``predicate`` holds, re-checked whenever a connection closes or a
-        generation starts (for tests and benchmarks: no polling)."""
+        reply starts (for tests and benchmarks: no polling)."""
         while not predicate():
             await self._changed.wait()
 
     async def wait_connections(self, count: int) -> None:
         await self.wait_until(lambda: self.connection_count <= count)
 
-    async def _handler(self, ws: ServerConnection) -> None:
-        connection = Connection(self, ws)
-        self._connections[ws] = connection
-        self.metrics.connections.inc()
-        try:
-            await connection.run()
-        finally:
-            del self._connections[ws]
-            self.metrics.connections.dec()
-            self._pulse()
-
     async def drain(self) -> None:
-        """Stop accepting connections and new generations; give the running ones up to
+        """Stop accepting connections and new replies; give the running ones up to
         ``shutdown_grace_s`` to finish (then :meth:`shutdown` cancels and stores the rest)."""
-        self.draining = True
-        if self._server is not None:
-            self._server.server.close()  # stop listening; open connections stay
-        running = [asyncio.ensure_future(g.done.wait()) for g in self._generations.values()]
-        if running:
-            log.info(
-                "letting %d generation(s) finish (at most %.0f s)",
-                len(running),
-                self.settings.server.shutdown_grace_s,
-            )
-            _, pending = await asyncio.wait(running, timeout=self.settings.server.shutdown_grace_s)
-            for waiter in pending:
-                waiter.cancel()
+        if self._uvicorn is not None:
+            for listener in self._uvicorn.servers:
+                listener.close()  # stop listening; open connections stay
+        await self.core.drain()
 
     async def shutdown(self) -> None:
-        """Cancel every generation and wait until each result is stored."""
-        running = list(self._generations.values())
-        for generation in running:
-            generation.cancel(CancelCause.SHUTDOWN)
-        if running:
-            await asyncio.gather(*(g.done.wait() for g in running))
+        """Cancel every reply and wait until each result is stored."""
+        await self.core.shutdown()
 
     async def idle(self) -> None:
-        """Wait until no generation is running and every result is stored."""
-        while self._generations:
-            await asyncio.gather(*(g.done.wait() for g in list(self._generations.values())))
+        """Wait until no reply is running and every result is stored."""
+        await self.core.replies.idle()
 
     # ---- shared state --------------------------------------------------------------------
 
     def _connected_user_ids(self) -> set[UUID]:
-        return {c.user.id for c in self._connections.values() if c.user is not None}
+        """Users with an open connection or a running reply (an API request's, say)."""
+        connected = {c.user.id for c in self.websockets.connections if c.user is not None}
+        return connected | {r.user_id for r in self.core.replies.running.values()}
 
     def end_user_sessions(self, user_id: UUID) -> None:
         """The user's token was revoked: close their connections (4401) and cancel their
-        generations, including those waiting for a reconnect that can no longer happen."""
-        for connection in self._connections.values():
+        replies, including those waiting for a reconnect that can no longer happen."""
+        for connection in self.websockets.connections:
             if connection.user is not None and connection.user.id == user_id:
                 task = asyncio.create_task(connection.end_revoked())
                 self._closing.add(task)
                 task.add_done_callback(self._closing.discard)
-        for generation in self._generations.values():
-            if generation.user_id == user_id:
-                generation.cancel(CancelCause.REVOKED)
+        self.core.revoke(user_id)
 
     async def authenticate(self, token: str | None) -> User | None:
-        if self.settings.server.auth == "none":
-            return self.local_user
-        if token is None:
-            return None
-        return await self.store.user_for_token(token)
+        return await self.core.authenticate(token)
 
-    def limits(self) -> frames.Limits:
-        s = self.settings.server
-        return frames.Limits(
-            max_frame_bytes=s.max_frame_bytes,
-            max_sessions=s.max_sessions,
-            max_tokens=s.max_tokens,
-            hello_timeout_s=s.hello_timeout_s,
-        )
+    def detached_generation(self, message: str, user_id: UUID, chat_id: UUID) -> Reply | None:
+        """A running reply of this user's chat that no session holds, by message id."""
+        return self.core.replies.detached(parse_id(message), user_id, chat_id)
 
-    def track(self, generation: Generation) -> None:
-        self._generations[generation.message_id] = generation
-        self._pulse()
-
-    def detached_generation(self, message: str, user_id: UUID, chat_id: UUID) -> Generation | None:
-        """A running generation of this user's chat that no session holds, by message id."""
-        message_id = parse_id(message)
-        generation = None if message_id is None else self._generations.get(message_id)
-        if (
-            generation is None
-            or generation.attached
-            or generation.result is not None
-            or generation.user_id != user_id
-            or generation.chat_id != chat_id
-        ):
-            return None
-        return generation
-
-    async def store_result(self, generation: Generation, result: GenerationResult) -> None:
-        try:
-            await self.store.finish_message(generation.message_id, completion(result))
-        finally:
-            self._generations.pop(generation.message_id, None)
-
-    async def forget_chat(self, user_id: UUID, chat_id: UUID) -> None:
-        """The chat was deleted: stop its generations and drop its KV caches."""
-        doomed = [g for g in self._generations.values() if g.chat_id == chat_id and g.user_id == user_id]
-        for generation in doomed:
-            generation.cancel(CancelCause.CLOSE)
-        await asyncio.gather(*(g.done.wait() for g in doomed))
-        for engine in self.models.loaded():
-            engine.forget(chat_key(user_id, chat_id))
+    async def store_result(self, reply: Reply, result: GenerationResult) -> None:
+        """Store a finished reply of a chat (the core calls it; tests wrap it)."""
+        await self.core.record(reply, result)
 
     async def ready(self) -> str | None:
         """Why the service is not ready, or ``None`` when it is."""
-        if not self.models.ready:
-            return "the default model is not loaded"
-        try:
-            await self.store.ping()
-        except Exception as exc:
-            return f"database unreachable: {exc}"
-        return None
+        return await self.core.ready()

@@ -30,7 +30,7 @@ from service.engine.sequence import Phase, Sequence
 from service.engine.stopping import StopMatcher
 from service.engine.tokenizer import ChatTokenizer
 from service.engine.types import ChatKey, Delta, FinishReason, GenerationId, GenerationResult, SamplingParams
-from service.errors import ContextOverflow
+from service.errors import ContextOverflow, QueueFull
 
 log = logging.getLogger(__name__)
 
@@ -243,6 +243,19 @@ class Engine:
             self.stats.waiting = len(self._scheduler.waiting)
         self._wake.set()
         return streams
+
+    def check(self, prompt: list[int], params: SamplingParams) -> None:
+        """Raise now what :meth:`submit` would raise for this work (``InvalidParams``,
+        ``ContextOverflow``, ``QueueFull``), without queueing it: for a caller that must store
+        a request before it may start. ``submit`` still decides; only a race can differ."""
+        params.validate()
+        if len(prompt) + 1 > self.max_len:
+            raise ContextOverflow(
+                f"prompt of {len(prompt)} tokens leaves no room in a context of {self.max_len}"
+            )
+        with self._lock:
+            if len(self._scheduler.waiting) >= self._scheduler.max_waiting:
+                raise QueueFull(f"{len(self._scheduler.waiting)} generations already waiting")
 
     def cancel(self, generation: GenerationId) -> None:
         """Ask the worker to end a generation; it runs at most one more step."""

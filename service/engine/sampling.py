@@ -1,4 +1,5 @@
-"""Next-token choice from logits: repetition penalty, temperature, top-k, top-p."""
+"""Next-token choice from logits: repetition, presence and frequency penalties, temperature,
+top-k, top-p."""
 
 from __future__ import annotations
 
@@ -26,12 +27,17 @@ class Sampler:
         bit_generator = np.random.PCG64(params.seed) if params.seed is not None else np.random.PCG64()
         self._rng = np.random.Generator(bit_generator)
 
-    def sample(self, logits: npt.NDArray[np.float32], previous_ids: Sequence[int]) -> int:
-        """Pick the next token id; ``previous_ids`` (prompt and generated) feed the repetition penalty."""
+    def sample(
+        self, logits: npt.NDArray[np.float32], previous_ids: Sequence[int], generated: Sequence[int] = ()
+    ) -> int:
+        """Pick the next token id; ``previous_ids`` (prompt and generated) feed the repetition
+        penalty, ``generated`` (the ids sampled so far) the presence and frequency penalties."""
         p = self.params
         scores = np.asarray(logits, dtype=np.float32)
         if p.repetition_penalty != 1.0 and len(previous_ids):
             scores = _penalize(scores, previous_ids, p.repetition_penalty)
+        if (p.presence_penalty or p.frequency_penalty) and len(generated):
+            scores = _penalize_additive(scores, generated, p.presence_penalty, p.frequency_penalty)
         if p.temperature == 0.0:
             return int(np.argmax(scores))
         ids: npt.NDArray[np.intp] | None = None  # None: every id is a candidate
@@ -65,6 +71,17 @@ def _penalize(
         out[seen] = np.where(values > 0, values / penalty, values * penalty)
     # An extreme penalty overflows float32: keep the order, drop the infinities.
     np.nan_to_num(out, copy=False, nan=_LOWEST, posinf=-_LOWEST, neginf=_LOWEST)
+    return out
+
+
+def _penalize_additive(
+    logits: npt.NDArray[np.float32], generated: Sequence[int], presence: float, frequency: float
+) -> npt.NDArray[np.float32]:
+    """OpenAI's rule: ``logit[j] -= count[j] * frequency + (count[j] > 0) * presence``, where
+    ``count[j]`` is how often ``j`` was sampled so far. Returns a copy."""
+    ids, counts = np.unique(np.asarray(generated, dtype=np.intp), return_counts=True)
+    out = logits.copy()
+    out[ids] -= (counts * frequency + presence).astype(np.float32)
     return out
 
 

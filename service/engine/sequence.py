@@ -64,7 +64,7 @@ class Sequence:
         Sets ``reason`` when the generation is over (end-of-sequence, a stop string,
         max_tokens, or a full context).
         """
-        token = self.sampler.sample(logits, self.context)
+        token = self.sampler.sample(logits, self.context, self.generated)
         now = time.perf_counter()
         if self.first_token_at is None:
             self.first_token_at = now

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import NewType
 
+from service.errors import InvalidParams
+
 ChatKey = NewType("ChatKey", str)
 """Names one conversation's KV cache: ``"<owner>/<anything>"`` (the server uses
 ``"<user id>/<chat id>"``). A generation may start from the cached prefix of any key of
@@ -36,9 +38,19 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    # OpenAI's penalties: subtracted from the logits of every id generated so far, once
+    # (presence) and once per occurrence (frequency).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the first field out of range."""
+        """Raise ``InvalidParams`` (a ``ValueError``) naming the first field out of range."""
+        try:
+            self._check()
+        except ValueError as exc:
+            raise InvalidParams(str(exc)) from None
+
+    def _check(self) -> None:
         if not 1 <= self.max_tokens <= 1_000_000:
             raise ValueError("max_tokens must be between 1 and 1000000")
         if not 0.0 <= self.temperature <= 10.0:
@@ -53,6 +65,9 @@ class SamplingParams:
             raise ValueError("seed must be in [0, 2**63)")
         if len(self.stop) > 16 or any(not s or len(s) > 256 for s in self.stop):
             raise ValueError("stop takes at most 16 non-empty strings of at most 256 characters")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be between -2 and 2")
 
 
 @dataclass(frozen=True, slots=True)

@@ -152,8 +152,9 @@ async def test_a_killed_replica_loses_only_its_own_replies(
         await a.open("short", chat=chat_a)
         again_a = await a.chat("short", "Tell me more", **SHORT)
         again_b = await b.chat("short", "Tell me more", **SHORT)
-        assert again_a.started["cached_tokens"] == 0  # re-prefilled from the stored ids on r2
-        assert again_b.started["cached_tokens"] > 0  # the twin's cache is warm
+        # r2 has no cache of a's chat: it is rebuilt from the stored ids, and those match the ids
+        # in the twin's cache (the same user's, so its prefix is reused), token for token.
+        assert 0 < again_a.started["cached_tokens"] <= again_b.started["cached_tokens"]
         assert again_a.text == again_b.text
         await a.close()
         await b.close()

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 import numpy.typing as npt
+import pytest
 
 from service.engine.sampling import Sampler, _nucleus
 from service.engine.types import SamplingParams
@@ -129,3 +130,27 @@ def test_extreme_but_valid_params_still_pick_a_token() -> None:
         choice = Sampler(params).sample(logits, [best - 1, 7])
         assert 0 <= choice < logits.size
         assert logits[choice] > 2.9, params
+
+
+def test_presence_and_frequency_penalties_are_additive_on_generated_ids() -> None:
+    """OpenAI's rule: ``logit -= count * frequency + (count > 0) * presence``, counting only the
+    generated ids (the prompt's are the repetition penalty's business)."""
+    logits = np.zeros(10, dtype=np.float32)
+    logits[[2, 5, 7]] = [3.0, 2.5, 1.5]
+    greedy = SamplingParams(temperature=0.0)
+    assert Sampler(greedy).sample(logits, [2, 2], []) == 2  # prompt ids never count
+    frequency = Sampler(SamplingParams(temperature=0.0, frequency_penalty=0.3))
+    assert frequency.sample(logits, [2], [2]) == 2  # 3.0 - 0.3 > 2.5
+    assert frequency.sample(logits, [2, 2], [2, 2]) == 5  # 3.0 - 0.6 < 2.5
+    presence = Sampler(SamplingParams(temperature=0.0, presence_penalty=0.6))
+    assert presence.sample(logits, [2, 2, 2], [2, 2, 2]) == 5  # once, whatever the count: 2.4 < 2.5
+    rewarding = Sampler(SamplingParams(temperature=0.0, presence_penalty=-2.0))
+    assert rewarding.sample(logits, [7], [7]) == 7  # negative values favour repeats: 1.5 + 2.0
+
+
+def test_penalties_out_of_range_are_refused() -> None:
+    """Both penalties take values in [-2, 2], as OpenAI's."""
+    for name in ("presence_penalty", "frequency_penalty"):
+        for value in (-2.5, 2.01):
+            with pytest.raises(ValueError, match=name):
+                SamplingParams(**{name: value}).validate()  # type: ignore[arg-type]

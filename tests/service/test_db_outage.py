@@ -14,8 +14,8 @@ import orjson
 import pytest
 
 from service.config import ServiceSettings
+from service.core.reply import Reply as Generation
 from service.engine.types import GenerationResult
-from service.generation import Generation
 from service.server import ChatServer
 from service.store.durable import DurableStore
 from tests.engine_gate import GateFactory

@@ -1,9 +1,10 @@
-"""One reply being generated: pumps the engine's deltas to whichever session holds it,
-keeps them for replay, and stores the result once, whatever ends it.
+"""One reply being generated, owned from submit to its stored end.
 
-A generation outlives its connection for the disconnect grace period: it is detached
-from the dropped session, keeps running, and can be attached to a new session (``open``
-with ``resume``), which first gets the token frames it missed and then the live ones.
+It pumps the engine's deltas to whichever sink holds it (a ``chat.v1`` session, an HTTP
+response), keeps them for replay, counts it in the metrics and records the result once,
+whatever ends it. A reply outlives a dropped WebSocket connection for the disconnect grace
+period: it is detached, keeps running, and can be attached to a new sink, which first gets
+the deltas it missed and then the live ones.
 """
 
 from __future__ import annotations
@@ -12,51 +13,52 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from typing import Protocol
 from uuid import UUID
 
+from service.core.metrics import CancelCause, Metrics
 from service.engine.engine import GenerationStream
 from service.engine.types import Delta, FinishReason, GenerationResult
-from service.metrics import CancelCause, Metrics
-from service.outbox import Outbox
-from service.protocol import frames
-from service.protocol.errors import ErrorCode
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(slots=True)
-class Sink:
-    """Where a generation's frames go: one session of one connection."""
+class ReplySink(Protocol):
+    """Where a reply's events go while a client holds it."""
 
-    outbox: Outbox
-    session: str
+    def delta(self, delta: Delta) -> None: ...
 
-
-Finisher = Callable[["Generation", GenerationResult], Awaitable[None]]
+    def done(self, reply: Reply, result: GenerationResult) -> None:
+        """The reply ended and its result is recorded."""
 
 
-class Generation:
+Finisher = Callable[["Reply", GenerationResult], Awaitable[None]]
+
+
+class Reply:
     def __init__(
         self,
         *,
         message_id: UUID,
-        chat_id: UUID,
+        chat_id: UUID | None,
         user_id: UUID,
         prompt_ids: list[int],
         stream: GenerationStream,
-        sink: Sink,
         metrics: Metrics,
         on_finish: Finisher,
         sent_at: float,
     ) -> None:
         self.message_id = message_id
-        self.chat_id = chat_id
+        self.chat_id = chat_id  # None: a stateless request, kept in no chat
         self.user_id = user_id
         self.prompt_ids = prompt_ids
         self.stream = stream
         self.result: GenerationResult | None = None
-        self._sink: Sink | None = sink
+        self.abandoned = False  # refused after submit (its turn could not be stored): record nothing
+        # Set once the reply's place is stored (at once for a stateless reply): a reply that
+        # ends sooner is recorded only then.
+        self.placed = asyncio.Event()
+        self._sink: ReplySink | None = None
         self._metrics = metrics
         self._on_finish = on_finish
         self._sent_at = sent_at
@@ -72,14 +74,25 @@ class Generation:
     def attached(self) -> bool:
         return self._sink is not None
 
+    @property
+    def generated_tokens(self) -> int:
+        return self.stream.generated_tokens
+
     def cancel(self, cause: CancelCause) -> None:
-        """End the generation; the engine runs at most one more step for it."""
+        """End the reply; the engine runs at most one more step for it."""
         if self._cancel_cause is None and self.result is None:
             self._cancel_cause = cause
             self.stream.cancel()
 
+    def abandon(self) -> None:
+        """The request was refused after the engine took it: cancel it, count and store nothing."""
+        self.abandoned = True
+        self._sink = None
+        self.placed.set()
+        self.stream.cancel()
+
     def detach(self, grace_s: float) -> None:
-        """The session is gone: keep running for ``grace_s`` seconds, then cancel."""
+        """The client is gone: keep running for ``grace_s`` seconds, then cancel."""
         self._sink = None
         if grace_s <= 0:
             self.cancel(CancelCause.DISCONNECT)
@@ -87,21 +100,26 @@ class Generation:
             loop = asyncio.get_running_loop()
             self._grace_timer = loop.call_later(grace_s, self.cancel, CancelCause.DISCONNECT)
 
-    def attach(self, sink: Sink, from_index: int) -> None:
-        """Send ``sink`` the token frames from ``from_index`` on, then the live ones."""
+    def attach(self, sink: ReplySink, from_index: int = 0) -> None:
+        """Send ``sink`` the deltas from token ``from_index`` on, then the live ones (and the
+        end, if it has come already)."""
         if self._grace_timer is not None:
             self._grace_timer.cancel()
             self._grace_timer = None
         for delta in self._deltas:
             if delta.index + delta.tokens > from_index:
-                sink.outbox.put_token(sink.session, delta)
+                sink.delta(delta)
         self._sink = sink
+        if self.done.is_set() and self.result is not None:
+            sink.done(self, self.result)
 
     def _on_event(self, event: Delta | GenerationResult) -> None:
         """Runs on the event loop for every delta, then once with the result."""
         if isinstance(event, GenerationResult):
             self.result = event
             self._finishing = asyncio.create_task(self._finish(event), name=f"finish-{self.message_id}")
+            return
+        if self.abandoned:
             return
         now = time.perf_counter()
         if self._last_delta_at is None:
@@ -111,12 +129,13 @@ class Generation:
         self._last_delta_at = now
         self._deltas.append(event)
         if self._sink is not None:
-            self._sink.outbox.put_token(self._sink.session, event)
+            self._sink.delta(event)
 
     async def _finish(self, result: GenerationResult) -> None:
-        """Store the reply (before ``done``, so a client that reads history after ``done``
-        finds it), then tell the session holding it, if any."""
-        self._record(result)
+        """Record the reply (before ``done``, so a client that reads history after ``done``
+        finds it), then tell the sink holding it, if any."""
+        if not self.abandoned:
+            self._count(result)
         try:
             await self._on_finish(self, result)
         except Exception:
@@ -125,10 +144,10 @@ class Generation:
             if self._grace_timer is not None:
                 self._grace_timer.cancel()
             if self._sink is not None:
-                self._sink.outbox.put(self._done_frame(self._sink.session, result))
+                self._sink.done(self, result)
             self.done.set()
 
-    def _record(self, result: GenerationResult) -> None:
+    def _count(self, result: GenerationResult) -> None:
         m = self._metrics
         m.generations.labels(reason=result.reason.value).inc()
         m.generated_tokens.inc(result.completion_tokens)
@@ -136,27 +155,3 @@ class Generation:
         m.prompt_tokens.labels(source="computed").inc(result.prompt_tokens - result.cached_tokens)
         if result.reason is FinishReason.CANCELLED and self._cancel_cause is not None:
             m.cancellations.labels(cause=self._cancel_cause.value).inc()
-
-    def _done_frame(self, session: str, result: GenerationResult) -> frames.DoneFrame:
-        error = None
-        if result.reason is FinishReason.ERROR:
-            error = frames.ErrorBody(
-                code=ErrorCode.INTERNAL.value, message=result.error or "generation failed"
-            )
-        return frames.done(
-            session=session,
-            message=str(self.message_id),
-            reason=result.reason.value,
-            usage=frames.Usage(
-                prompt_tokens=result.prompt_tokens,
-                cached_tokens=result.cached_tokens,
-                completion_tokens=result.completion_tokens,
-            ),
-            timing=frames.Timing(
-                queued_ms=round(result.queued_ms, 3),
-                ttft_ms=None if result.ttft_ms is None else round(result.ttft_ms, 3),
-                total_ms=round(result.total_ms, 3),
-                tokens_per_s=round(result.tokens_per_s, 3),
-            ),
-            error=error,
-        )

@@ -1,0 +1,327 @@
+"""The chat core: every turn of every transport starts, runs and ends here.
+
+Transports call it with what the client asked for and map its typed errors (``NotFound``,
+``Busy``, ``Draining``, ``TooManyRequests``, ``InvalidParams``, ``ModelError``, and the
+engine's ``QueueFull`` and ``ContextOverflow``) to their own error frames or statuses.
+Admission is the engine's: a chat turn asks it (``Engine.check``) before the user's message
+is stored, so a refused turn leaves no trace, and is submitted once it is stored (the
+message is stored before generation starts, as the contract says).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any
+from uuid import UUID
+
+from service.config import ServerSettings
+from service.core.conversation import Conversation, chat_key, common_prefix, replayed
+from service.core.metrics import CancelCause, Metrics
+from service.core.registry import Replies
+from service.core.reply import Finisher, Reply
+from service.engine.engine import Engine, GenerationStream
+from service.engine.tokenizer import ChatMessage
+from service.engine.types import FinishReason, GenerationResult, SamplingParams
+from service.errors import Busy, Draining, InvalidParams, NotFound, ServiceError, TooManyRequests
+from service.model_pool import ModelPool
+from service.protocol import codec, frames
+from service.store.records import Completion, StoredMessage, User, parse_id
+from service.store.store import Store
+
+log = logging.getLogger(__name__)
+
+_STORED_STATUS = {
+    FinishReason.STOP: "complete",
+    FinishReason.LENGTH: "complete",
+    FinishReason.CANCELLED: "cancelled",
+    FinishReason.ERROR: "error",
+}
+
+
+def completion(result: GenerationResult) -> Completion:
+    """What the database keeps of a finished generation."""
+    return Completion(
+        text=result.text,
+        token_ids=result.token_ids,
+        status=_STORED_STATUS[result.reason],
+        prompt_tokens=result.prompt_tokens,
+        cached_tokens=result.cached_tokens,
+        completion_tokens=result.completion_tokens,
+        queued_ms=result.queued_ms,
+        ttft_ms=result.ttft_ms,
+        total_ms=result.total_ms,
+        tokens_per_s=result.tokens_per_s,
+        error=result.error,
+    )
+
+
+def _refused(message: str, prompt_tokens: int) -> Completion:
+    return Completion(
+        text="",
+        token_ids=[],
+        status="error",
+        prompt_tokens=prompt_tokens,
+        cached_tokens=0,
+        completion_tokens=0,
+        queued_ms=0.0,
+        ttft_ms=None,
+        total_ms=0.0,
+        tokens_per_s=0.0,
+        error=message,
+    )
+
+
+class ChatCore:
+    def __init__(
+        self,
+        settings: ServerSettings,
+        store: Store,
+        models: ModelPool,
+        metrics: Metrics,
+        local_user: User,
+        *,
+        on_change: Callable[[], None] = lambda: None,
+        record: Finisher | None = None,
+    ) -> None:
+        """``record`` stores a finished reply (default :meth:`record`); ``on_change`` is
+        called whenever a reply starts (for waiters that must not poll)."""
+        self.settings = settings
+        self.store = store
+        self.models = models
+        self.metrics = metrics
+        self.local_user = local_user
+        self.replies = Replies(on_change)
+        self.draining = False
+        self._record: Finisher = record or self.record
+
+    # ---- who and how ---------------------------------------------------------------------
+
+    async def authenticate(self, token: str | None) -> User | None:
+        if self.settings.auth == "none":
+            return self.local_user
+        if token is None:
+            return None
+        return await self.store.user_for_token(token)
+
+    def sampling(self, given: Mapping[str, Any]) -> SamplingParams:
+        """Validated sampling parameters with the server's defaults; raises ``InvalidParams``."""
+        values = dict(given)
+        if "stop" in values:
+            values["stop"] = tuple(values["stop"])
+        values.setdefault("max_tokens", self.settings.default_max_tokens)
+        try:
+            sampling = SamplingParams(**values)
+        except TypeError as exc:
+            raise InvalidParams(str(exc)) from None
+        sampling.validate()
+        if sampling.max_tokens > self.settings.max_tokens:
+            raise InvalidParams(f"max_tokens must be at most {self.settings.max_tokens}")
+        return sampling
+
+    async def engine(self, model_id: str | None) -> Engine:
+        """The engine of ``model_id`` (the default when ``None``); raises ``ModelError``."""
+        return await self.models.engine(model_id or self.models.default_id)
+
+    # ---- chats ---------------------------------------------------------------------------
+
+    async def open(
+        self,
+        user: User,
+        *,
+        chat: str | None,
+        model: str | None,
+        title: str | None,
+        system: str | None,
+        params: frames.Params,
+    ) -> tuple[Conversation, list[StoredMessage]]:
+        """Continue a stored chat, or create one; its conversation and stored messages."""
+        self.sampling(params.given())
+        if chat is not None:
+            chat_id = parse_id(chat)
+            found = None if chat_id is None else await self.store.get_chat(user.id, chat_id)
+            if found is None:
+                raise NotFound("no such chat")
+            model_id = model or found.model
+            engine = await self.engine(model_id)
+            params = params.over(codec.parse_params(found.params))
+            stored = await self.store.messages(user.id, found.id) or []
+        else:
+            model_id = model or self.models.default_id
+            engine = await self.engine(model_id)
+            found, stored = await self.store.create_chat(
+                user.id, model=model_id, title=title, system=system, params=params.given()
+            )
+        messages, token_ids = replayed(stored)
+        conversation = Conversation(
+            chat_id=found.id,
+            user_id=user.id,
+            model_id=model_id,
+            engine=engine,
+            params=params,
+            messages=messages,
+            token_ids=token_ids,
+        )
+        return conversation, stored
+
+    async def send(
+        self, conversation: Conversation, text: str, params: frames.Params, *, sent_at: float
+    ) -> Reply:
+        """Start the next turn of ``conversation``: the engine admits it, the user's message and
+        the reply's place are stored, then it is submitted. The reply runs unattached: attach
+        a sink."""
+        conversation.fold_finished()
+        if conversation.generating:
+            raise Busy("this session is already generating")
+        sampling = self.sampling(params.over(conversation.params).given())
+        self._admitting()
+        engine = conversation.engine
+        messages = [*conversation.messages, ChatMessage(role="user", content=text)]
+        prompt = engine.tokenizer.next_turn_ids(conversation.token_ids, messages)
+        engine.check(prompt, sampling)  # InvalidParams, ContextOverflow, QueueFull
+        offset = common_prefix(conversation.token_ids, prompt)
+        message_id = uuid.uuid4()
+        await self.store.begin_turn(
+            conversation.chat_id,
+            user_text=text,
+            user_token_ids=prompt[offset:],
+            prompt_offset=offset,
+            assistant_id=message_id,
+        )
+        try:
+            stream = engine.submit(conversation.key, prompt, sampling, turn_stops=engine.tokenizer.turn_stops)
+            reply = self._reply(
+                stream, conversation.user_id, conversation.chat_id, prompt, sent_at, message_id
+            )
+        except ServiceError as exc:  # the queue filled up since the check: the turn ends as an error
+            await self.store.finish_message(message_id, _refused(str(exc), len(prompt)))
+            raise
+        reply.placed.set()
+        conversation.messages = messages
+        conversation.token_ids = prompt
+        conversation.reply = reply
+        return reply
+
+    def stop(self, conversation: Conversation) -> None:
+        if conversation.reply is not None:
+            conversation.reply.cancel(CancelCause.STOP)
+
+    def resume(self, conversation: Conversation, message: str) -> Reply | None:
+        """The running reply ``message`` of this conversation's chat that nobody holds, now
+        the conversation's (the caller attaches a sink); ``None`` when it has finished (its
+        text is stored) or never existed."""
+        reply = self.replies.detached(parse_id(message), conversation.user_id, conversation.chat_id)
+        if reply is not None:
+            conversation.reply = reply
+        return reply
+
+    async def delete_chat(self, user: User, chat: str) -> None:
+        """Delete the chat, stop its replies and drop its KV caches; raises ``NotFound``."""
+        chat_id = parse_id(chat)
+        if chat_id is None or not await self.store.delete_chat(user.id, chat_id):
+            raise NotFound("no such chat")
+        doomed = [r for r in self.replies.of_user(user.id) if r.chat_id == chat_id]
+        await self.replies.cancel(doomed, CancelCause.CLOSE)
+        for engine in self.models.loaded():
+            engine.forget(chat_key(user.id, chat_id))
+
+    # ---- stateless requests --------------------------------------------------------------
+
+    def submit_choices(
+        self,
+        user: User,
+        engine: Engine,
+        prompt: list[int],
+        params: list[SamplingParams],
+        *,
+        sent_at: float,
+        turn_stops: tuple[str, ...] = (),
+    ) -> list[Reply]:
+        """Start ``len(params)`` replies to one prompt, kept in no chat (an API request), as
+        one engine fork: the prompt is prefilled once and the choices decode together. Each
+        gets a fresh cache key of the user's, so the engine may reuse the user's cached
+        prefixes and never another user's."""
+        self._admitting()
+        running = sum(1 for r in self.replies.of_user(user.id) if r.chat_id is None)
+        if running + len(params) > self.settings.max_sessions:
+            raise TooManyRequests(
+                f"at most {self.settings.max_sessions} generations at once per user; {running} are running"
+            )
+        keys = [chat_key(user.id, f"api-{uuid.uuid4()}") for _ in params]
+        # QueueFull, ContextOverflow, InvalidParams: all choices are queued, or none.
+        streams = engine.submit_fork(keys, prompt, params, turn_stops=turn_stops)
+        replies = [self._reply(stream, user.id, None, prompt, sent_at) for stream in streams]
+        for reply in replies:
+            reply.placed.set()
+        return replies
+
+    # ---- replies -------------------------------------------------------------------------
+
+    def _admitting(self) -> None:
+        if self.draining:
+            raise Draining("the server is shutting down")
+
+    def _reply(
+        self,
+        stream: GenerationStream,
+        user_id: UUID,
+        chat_id: UUID | None,
+        prompt: list[int],
+        sent_at: float,
+        message_id: UUID | None = None,
+    ) -> Reply:
+        reply = Reply(
+            message_id=message_id or uuid.uuid4(),
+            chat_id=chat_id,
+            user_id=user_id,
+            prompt_ids=prompt,
+            stream=stream,
+            metrics=self.metrics,
+            on_finish=self._finished,
+            sent_at=sent_at,
+        )
+        self.replies.track(reply)
+        return reply
+
+    async def _finished(self, reply: Reply, result: GenerationResult) -> None:
+        try:
+            await reply.placed.wait()
+            if reply.chat_id is not None and not reply.abandoned:
+                await self._record(reply, result)
+        finally:
+            self.replies.forget(reply)
+
+    async def record(self, reply: Reply, result: GenerationResult) -> None:
+        await self.store.finish_message(reply.message_id, completion(result))
+
+    def revoke(self, user_id: UUID) -> None:
+        """The user's token was revoked: cancel their replies, including those waiting for a
+        reconnect that can no longer happen."""
+        for reply in self.replies.of_user(user_id):
+            reply.cancel(CancelCause.REVOKED)
+
+    async def drain(self) -> None:
+        """Start nothing new; give the running replies up to ``shutdown_grace_s`` to finish."""
+        self.draining = True
+        if self.replies.running:
+            log.info(
+                "letting %d generation(s) finish (at most %.0f s)",
+                len(self.replies),
+                self.settings.shutdown_grace_s,
+            )
+        await self.replies.finish(self.settings.shutdown_grace_s)
+
+    async def shutdown(self) -> None:
+        """Cancel every reply and wait until each result is recorded."""
+        await self.replies.cancel(list(self.replies.running.values()), CancelCause.SHUTDOWN)
+
+    async def ready(self) -> str | None:
+        """Why the service is not ready, or ``None`` when it is."""
+        if not self.models.ready:
+            return "the default model is not loaded"
+        try:
+            await self.store.ping()
+        except Exception as exc:
+            return f"database unreachable: {exc}"
+        return None

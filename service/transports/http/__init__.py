@@ -1,0 +1,1 @@
+"""Plain HTTP on the service's port: the page, ``/healthz``, ``/readyz``, ``/metrics``."""

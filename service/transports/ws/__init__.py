@@ -1,0 +1,1 @@
+"""``chat.v1`` over WebSocket: framing, sessions and routing to the chat core."""
