@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from service.engine.models.gguf_source import GGUFSource
 from service.engine.models.gguf_tokenizer import GGUFTokenizerSpec, write_tokenizer_dir
-from service.engine.models.onnx_builder import Precision, build_llama_graph, save_model
+from service.engine.models.onnx_builder import Precision, build_decoder
 from service.errors import ModelError
 
 if TYPE_CHECKING:
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 # Bump whenever the graph, tokenizer files or configs we write change: it is part of every
 # cache key, so old prepared directories are rebuilt rather than reused.
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 MANIFEST_NAME = "localchat.json"
 MANIFEST_FORMAT = 1
 MODEL_FILE = "model.onnx"
@@ -97,6 +97,10 @@ def _build_into(
 ) -> None:
     source = GGUFSource(gguf_path)
     config = source.config
+    try:  # before the long part: an unsupported vocabulary fails at once
+        spec = GGUFTokenizerSpec.from_reader(source.reader)
+    except (NotImplementedError, ValueError) as exc:
+        raise ModelError(f"cannot convert the tokenizer of {gguf_path}: {exc}") from exc
     context_length = max_positions or config.context_length
     accuracy_level = ACCURACY_LEVELS[precision]
     with tqdm(
@@ -113,20 +117,15 @@ def _build_into(
                 on_tensor(name)
             bar.update(1)
 
-        model = build_llama_graph(
-            config,
-            source.weights(),
+        build_decoder(
+            source,
+            work / MODEL_FILE,
             precision=precision,
             accuracy_level=accuracy_level,
             max_positions=context_length,
             on_tensor=step,
         )
-        bar.set_description(f"saving {precision} graph")
-        save_model(model, str(work / MODEL_FILE))
-    del model
-
     try:
-        spec = GGUFTokenizerSpec.from_reader(source.reader)
         write_tokenizer_dir(spec, work)
     except (NotImplementedError, ValueError) as exc:
         raise ModelError(f"cannot convert the tokenizer of {gguf_path}: {exc}") from exc
@@ -174,7 +173,7 @@ def genai_config(source: GGUFSource, spec: GGUFTokenizerSpec, context_length: in
             },
             "eos_token_id": eos,
             "pad_token_id": spec.pad_id if spec.pad_id is not None else eos,
-            "type": "llama",
+            "type": source.architecture.genai_type,
             "vocab_size": cfg.vocab_size,
         },
         "search": {
