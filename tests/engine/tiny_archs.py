@@ -1,8 +1,10 @@
 """Tiny random-weight GGUF files of every supported architecture, for fidelity tests.
 
-Each file uses its family's own llama.cpp tensor names and metadata keys, one quantization
-type for its matrices (norms and biases stay F32, as llama.cpp writes them), and the real
-SmolLM2 vocabulary, so a reference implementation can read it like a downloaded file.
+Each file uses its family's own llama.cpp tensor names and metadata keys, and mixes
+quantization types as downloaded files do (Q4_K_M files mix Q4_K and Q6_K): one type for
+the attention matrices, another for the MLP, embedding and output matrices, F32 for norms
+and biases (as llama.cpp writes them). The vocabulary is the real SmolLM2 one, so a
+reference implementation reads the file like a downloaded one.
 """
 
 from __future__ import annotations
@@ -54,9 +56,16 @@ TINY_ARCHS: dict[str, TinyArch] = {
     # Gemma 3: six layers, so the pattern has five local layers and one global one; a window
     # of 8 so that test prompts run past it.
     "gemma3": TinyArch(
-        "gemma3", layers=6, heads=2, kv_heads=1, qk_norm=True, sandwich_norms=True,
-        sliding_window=8, rope_base=1000000.0, eps=1e-6,
-    ),  # fmt: skip
+        "gemma3",
+        layers=6,
+        heads=2,
+        kv_heads=1,
+        qk_norm=True,
+        sandwich_norms=True,
+        sliding_window=8,
+        rope_base=1000000.0,
+        eps=1e-6,
+    ),
 }
 
 
@@ -75,8 +84,11 @@ def llama3_rope_factors(head_dim: int, base: float, scaling: tuple[float, float,
     return factors.astype(np.float32)
 
 
-def write_tiny_arch_gguf(path: Path, real_gguf: Path, spec: TinyArch, qtype: QType, seed: int = 0) -> Path:
-    """Write ``spec`` with matrices in ``qtype`` to ``path``, with ``real_gguf``'s vocabulary."""
+def write_tiny_arch_gguf(
+    path: Path, real_gguf: Path, spec: TinyArch, attention_qtype: QType, mlp_qtype: QType, seed: int = 0
+) -> Path:
+    """Write ``spec`` to ``path`` with ``real_gguf``'s vocabulary: attention matrices in
+    ``attention_qtype``, the other matrices in ``mlp_qtype``."""
     reader = gguf.GGUFReader(real_gguf)
     vocab = len(reader.fields["tokenizer.ggml.tokens"].contents())
     rng = np.random.default_rng(seed)
@@ -84,6 +96,7 @@ def write_tiny_arch_gguf(path: Path, real_gguf: Path, spec: TinyArch, qtype: QTy
 
     def matrix(name: str, rows: int, cols: int, std: float) -> None:
         weight = (rng.standard_normal((rows, cols)) * std).astype(np.float32)
+        qtype = attention_qtype if ".attn_" in name else mlp_qtype
         if qtype == QType.F32:
             writer.add_tensor(name, weight)
         elif qtype == QType.F16:
@@ -121,7 +134,8 @@ def write_tiny_arch_gguf(path: Path, real_gguf: Path, spec: TinyArch, qtype: QTy
     # Gemma's norm weights are stored with the +1 its RMSNorm adds: centre them on 1 everywhere.
     matrix("token_embd.weight", vocab, h, 0.5)
     if spec.llama3_rope is not None:
-        writer.add_tensor("rope_freqs.weight", llama3_rope_factors(spec.head_dim, spec.rope_base, spec.llama3_rope))
+        factors = llama3_rope_factors(spec.head_dim, spec.rope_base, spec.llama3_rope)
+        writer.add_tensor("rope_freqs.weight", factors)
     for i in range(spec.layers):
         p = f"blk.{i}"
         vector(f"{p}.attn_norm.weight", h, 1.0, 0.1)
