@@ -85,26 +85,42 @@ def llama3_rope_factors(head_dim: int, base: float, scaling: tuple[float, float,
 
 
 def write_tiny_arch_gguf(
-    path: Path, real_gguf: Path, spec: TinyArch, attention_qtype: QType, mlp_qtype: QType, seed: int = 0
+    path: Path,
+    real_gguf: Path | None,
+    spec: TinyArch,
+    attention_qtype: QType,
+    mlp_qtype: QType,
+    *,
+    seed: int = 0,
+    extra_metadata: dict[str, str] | None = None,
+    skip: frozenset[str] = frozenset(),
 ) -> Path:
-    """Write ``spec`` to ``path`` with ``real_gguf``'s vocabulary: attention matrices in
-    ``attention_qtype``, the other matrices in ``mlp_qtype``."""
-    reader = gguf.GGUFReader(real_gguf)
-    vocab = len(reader.fields["tokenizer.ggml.tokens"].contents())
+    """Write ``spec`` to ``path`` with ``real_gguf``'s vocabulary (none and 256 rows when
+    None): attention matrices in ``attention_qtype``, the other matrices in ``mlp_qtype``.
+    ``extra_metadata`` adds string keys; ``skip`` leaves tensors out (for broken files)."""
+    reader = gguf.GGUFReader(real_gguf) if real_gguf is not None else None
+    vocab = len(reader.fields["tokenizer.ggml.tokens"].contents()) if reader is not None else 256
     rng = np.random.default_rng(seed)
     arch = spec.arch
 
     def matrix(name: str, rows: int, cols: int, std: float) -> None:
         weight = (rng.standard_normal((rows, cols)) * std).astype(np.float32)
         qtype = attention_qtype if ".attn_" in name else mlp_qtype
+        if name in skip:
+            return
         if qtype == QType.F32:
             writer.add_tensor(name, weight)
         elif qtype == QType.F16:
             writer.add_tensor(name, weight.astype(np.float16))
+        elif qtype not in gguf.quants._type_traits:  # no quantizer: zero blocks of the right size
+            block, size = gguf.GGML_QUANT_SIZES[qtype]
+            writer.add_tensor(name, np.zeros((rows, cols // block * size), dtype=np.uint8), raw_dtype=qtype)
         else:
             writer.add_tensor(name, gguf.quants.quantize(weight, qtype), raw_dtype=qtype)
 
     def vector(name: str, size: int, mean: float, std: float) -> None:
+        if name in skip:
+            return
         writer.add_tensor(name, (mean + std * rng.standard_normal(size)).astype(np.float32))
 
     writer = gguf.GGUFWriter(path, arch)
@@ -124,7 +140,9 @@ def write_tiny_arch_gguf(
     writer.add_layer_norm_rms_eps(spec.eps)
     if spec.sliding_window:
         writer.add_sliding_window(spec.sliding_window)
-    for key, field in reader.fields.items():
+    for key, text in (extra_metadata or {}).items():
+        writer.add_string(key, text)
+    for key, field in reader.fields.items() if reader is not None else ():
         if key.startswith("tokenizer."):
             sub_type = field.types[1] if len(field.types) > 1 else None
             writer.add_key_value(key, field.contents(), field.types[0], sub_type=sub_type)
