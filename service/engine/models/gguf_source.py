@@ -25,6 +25,7 @@ from service.errors import ModelError
 if TYPE_CHECKING:
     from pathlib import Path
 
+_ROWS_PER_CHUNK = 4096  # dequantize big tensors in slices: bounded temporaries
 _FLOAT_TYPES = frozenset({gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16})
 
 
@@ -163,6 +164,21 @@ def dequantizable(qtype: gguf.GGMLQuantizationType) -> bool:
     return True
 
 
+def _dequantize(data: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
+    """float32 of a tensor's data, a slice of rows at a time (the gguf package's dequantizers
+    make several full-size temporaries)."""
+    if data.ndim < 2 or data.shape[0] <= _ROWS_PER_CHUNK:
+        return np.asarray(gguf.quants.dequantize(data, qtype), dtype=np.float32)
+    first = np.asarray(gguf.quants.dequantize(data[:_ROWS_PER_CHUNK], qtype), dtype=np.float32)
+    out = np.empty((data.shape[0], *first.shape[1:]), dtype=np.float32)
+    out[:_ROWS_PER_CHUNK] = first
+    for start in range(_ROWS_PER_CHUNK, data.shape[0], _ROWS_PER_CHUNK):
+        out[start : start + _ROWS_PER_CHUNK] = gguf.quants.dequantize(
+            data[start : start + _ROWS_PER_CHUNK], qtype
+        )
+    return out
+
+
 def _unpermute_rotary_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
     rows = weight.shape[0]
     half = rows // n_heads // 2
@@ -227,7 +243,7 @@ class GGUFSource:
         tensor = self._tensors.get(name)
         if tensor is None:
             raise ModelError(f"GGUF file lacks tensor {name!r}")
-        array = np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+        array = _dequantize(tensor.data, tensor.tensor_type)
         if self.architecture.unpermute_qk:
             if name.endswith(".attn_q.weight"):
                 array = _unpermute_rotary_rows(array, self.config.num_heads)

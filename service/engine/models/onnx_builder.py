@@ -120,6 +120,27 @@ def quantize_blockwise(weight: np.ndarray, bits: int, block_size: int = BLOCK_SI
     return QuantizedWeight(packed, scales.reshape(-1), zp_packed, 4, n, k)
 
 
+def _quantize_in_slices(weight: np.ndarray, bits: int, rows: int = 4096) -> QuantizedWeight:
+    """``quantize_blockwise`` a slice of rows at a time (its temporaries are several times
+    the weight's size; a vocabulary-sized lm_head would otherwise dominate peak memory)."""
+    if weight.shape[0] <= rows:
+        return quantize_blockwise(weight, bits)
+    parts = [
+        quantize_blockwise(weight[start : start + rows], bits) for start in range(0, weight.shape[0], rows)
+    ]
+    zero_points = None
+    if parts[0].zero_points is not None:
+        zero_points = np.concatenate([p.zero_points for p in parts if p.zero_points is not None])
+    return QuantizedWeight(
+        np.concatenate([p.packed for p in parts]),
+        np.concatenate([p.scales for p in parts]),
+        zero_points,
+        bits,
+        weight.shape[0],
+        weight.shape[1],
+    )
+
+
 def inverse_frequencies(
     head_dim: int, theta: float, *, linear_factor: float = 1.0, freq_factors: np.ndarray | None = None
 ) -> np.ndarray:
@@ -164,7 +185,7 @@ class _Graph:
         start = -(-self._offset // _ALIGN) * _ALIGN
         if start > self._offset:
             self._data.write(b"\0" * (start - self._offset))
-        self._data.write(array.tobytes())
+        self._data.write(array.data)  # the buffer itself: no bytes copy
         self._offset = start + array.nbytes
         tensor = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype))
         tensor.dims.extend(array.shape)
@@ -188,7 +209,7 @@ class _Graph:
         if self.precision is Precision.FP32:
             self.node("MatMul", [x, self.init(f"{name}.weight", weight.T)], [out])
         else:
-            q = quantize_blockwise(weight, 8 if self.precision is Precision.INT8 else 4)
+            q = _quantize_in_slices(weight, 8 if self.precision is Precision.INT8 else 4)
             inputs = [x, self.init(f"{name}.qweight", q.packed), self.init(f"{name}.scales", q.scales)]
             if q.zero_points is not None:
                 inputs.append(self.init(f"{name}.qzeros", q.zero_points))
