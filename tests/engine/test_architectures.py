@@ -6,12 +6,14 @@ here the quantized builds (int8, int4) are held to the fp32 build of the same fi
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from service.cli import add_engine_arguments, engine_settings
 from service.config import EngineSettings
 from service.engine.loader import FALLBACK_CONTEXT, served_context
 from service.engine.models.__main__ import main
@@ -135,3 +137,13 @@ def test_served_context_is_capped_by_the_kv_budget() -> None:
 
 def test_prepared_model_knows_its_kv_bytes_per_token(tiny_model: PreparedModel) -> None:
     assert tiny_model.kv_bytes_per_token == TINY_LAYERS * 2 * TINY_KV_HEADS * TINY_HEAD_DIM * 4
+
+
+def test_max_context_flag_defaults_to_the_budget_cap() -> None:
+    """--max-context absent: None (the model's context within the KV budget); given: that number."""
+    parser = argparse.ArgumentParser()
+    add_engine_arguments(parser)
+    assert engine_settings(parser.parse_args([])).max_context is None
+    assert engine_settings(parser.parse_args(["--max-context", "2048"])).max_context == 2048
+    with pytest.raises(SystemExit):
+        engine_settings(parser.parse_args(["--max-context", "0"]))
