@@ -5,6 +5,8 @@ Every family here is a pre-norm transformer decoder with rotary attention and a 
 (:mod:`service.engine.models.onnx_builder`) reads these flags; it has no per-family code.
 
 Tensor names are llama.cpp's (``blk.N.attn_q.weight``, ...), the same in every family.
+Norm weights are used as stored: llama.cpp's converter already adds Gemma's ``1 +`` to
+every Gemma norm weight (q/k norms included), so no family needs an offset here.
 Facts that llama.cpp fixes in code rather than in the file (Gemma 3's 5:1 local/global
 layer pattern and its local rope base) are stated here, as llama.cpp states them.
 """

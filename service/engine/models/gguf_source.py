@@ -61,10 +61,6 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
 
-# Kept for callers that knew only the llama family.
-LlamaConfig = ModelConfig
-
-
 def _field(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
     field = reader.fields.get(key)
     if field is None:
