@@ -37,6 +37,7 @@ class TinyArch:
     eps: float = 1e-5
     tied: bool = True
     qkv_bias: bool = False
+    fused: bool = False  # attn_qkv and ffn_up (gate + up) as single matrices (phi3)
     qk_norm: bool = False
     sandwich_norms: bool = False
     sliding_window: int = 0
@@ -52,6 +53,7 @@ TINY_ARCHS: dict[str, TinyArch] = {
     "llama3": TinyArch("llama", rope_base=500000.0, llama3_rope=(8.0, 1.0, 4.0, 64)),
     "qwen2": TinyArch("qwen2", tied=False, qkv_bias=True, rope_base=1000000.0, eps=1e-6),
     # Qwen 3: heads * head_dim (128) differs from the hidden size (64), as in the real models.
+    "phi3": TinyArch("phi3", heads=4, kv_heads=4, fused=True, tied=False),
     "qwen3": TinyArch("qwen3", head_dim=32, qk_norm=True, rope_base=1000000.0, eps=1e-6),
     # Gemma 3: six layers, so the pattern has five local layers and one global one; a window
     # of 8 so that test prompts run past it.
@@ -134,7 +136,7 @@ def write_tiny_arch_gguf(
     writer.add_head_count_kv(spec.kv_heads)
     writer.add_key_length(spec.head_dim)
     writer.add_value_length(spec.head_dim)
-    if arch == "llama":  # llama.cpp writes the rope dimension for the llama family
+    if arch in ("llama", "phi3"):  # llama.cpp writes the rope dimension for these families
         writer.add_rope_dimension_count(spec.head_dim)
     writer.add_rope_freq_base(spec.rope_base)
     writer.add_layer_norm_rms_eps(spec.eps)
@@ -157,9 +159,12 @@ def write_tiny_arch_gguf(
     for i in range(spec.layers):
         p = f"blk.{i}"
         vector(f"{p}.attn_norm.weight", h, 1.0, 0.1)
-        matrix(f"{p}.attn_q.weight", q_rows, h, h**-0.5)
-        matrix(f"{p}.attn_k.weight", kv_rows, h, h**-0.5)
-        matrix(f"{p}.attn_v.weight", kv_rows, h, h**-0.5)
+        if spec.fused:
+            matrix(f"{p}.attn_qkv.weight", q_rows + 2 * kv_rows, h, h**-0.5)
+        else:
+            matrix(f"{p}.attn_q.weight", q_rows, h, h**-0.5)
+            matrix(f"{p}.attn_k.weight", kv_rows, h, h**-0.5)
+            matrix(f"{p}.attn_v.weight", kv_rows, h, h**-0.5)
         if spec.qkv_bias:
             vector(f"{p}.attn_q.bias", q_rows, 0.0, 0.5)
             vector(f"{p}.attn_k.bias", kv_rows, 0.0, 0.5)
@@ -171,8 +176,11 @@ def write_tiny_arch_gguf(
         if spec.sandwich_norms:
             vector(f"{p}.post_attention_norm.weight", h, 1.0, 0.1)
         vector(f"{p}.ffn_norm.weight", h, 1.0, 0.1)
-        matrix(f"{p}.ffn_gate.weight", spec.intermediate, h, h**-0.5)
-        matrix(f"{p}.ffn_up.weight", spec.intermediate, h, h**-0.5)
+        if spec.fused:
+            matrix(f"{p}.ffn_up.weight", 2 * spec.intermediate, h, h**-0.5)
+        else:
+            matrix(f"{p}.ffn_gate.weight", spec.intermediate, h, h**-0.5)
+            matrix(f"{p}.ffn_up.weight", spec.intermediate, h, h**-0.5)
         matrix(f"{p}.ffn_down.weight", h, spec.intermediate, spec.intermediate**-0.5)
         if spec.sandwich_norms:
             vector(f"{p}.post_ffw_norm.weight", h, 1.0, 0.1)

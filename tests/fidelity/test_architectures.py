@@ -5,7 +5,7 @@ and metadata keys (tests/engine/tiny_archs.py), mixing quantization types as dow
 files do (one for the attention matrices, another for the rest, F32 norms and biases;
 F32, F16, Q8_0 and Q4_0 all appear), with the real SmolLM2 vocabulary. transformers reads
 the same file (``from_pretrained(dir, gguf_file=...)``) and is the reference for all of
-them: it reads llama, qwen2, qwen3 and gemma3 GGUFs, so no numpy reference is needed.
+them: it reads llama, qwen2, qwen3, gemma3 and phi3 GGUFs, so no numpy reference is needed.
 
 Where transformers' GGUF loader does not take a value from the file, the value is passed
 to it explicitly, as llama.cpp defines it (see ``REFERENCE_OVERRIDES``).
@@ -67,6 +67,7 @@ CASES: dict[str, tuple[QType, QType]] = {  # (attention matrices, other matrices
     "llama": (QType.Q4_0, QType.F16),
     "llama3": (QType.Q8_0, QType.F32),
     "qwen2": (QType.F16, QType.Q8_0),
+    "phi3": (QType.Q8_0, QType.Q4_0),
     "qwen3": (QType.Q4_0, QType.Q8_0),
     "gemma3": (QType.Q8_0, QType.Q4_0),
 }

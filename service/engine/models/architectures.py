@@ -31,6 +31,9 @@ class Architecture:
     # interleaved rope; the builder undoes it to use the half-split layout.
     unpermute_qk: bool = False
     qkv_bias: bool = False
+    # q, k and v stored as one matrix (``attn_qkv``), gate and up as one (``ffn_up``, gate first).
+    fused_qkv: bool = False
+    fused_gate_up: bool = False
     # RMSNorm over each head of q and k (weights ``attn_q_norm``/``attn_k_norm``) before rope.
     qk_norm: bool = False
     # Norms of the attention and MLP outputs too (``post_attention_norm``, ``post_ffw_norm``).
@@ -47,9 +50,12 @@ class Architecture:
 
     def layer_tensors(self) -> tuple[str, ...]:
         """The per-layer tensor names (without ``blk.N.``) a file of this family must hold."""
-        names = ["attn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight"]
+        names = ["attn_norm.weight"]
+        qkv = ["attn_qkv.weight"] if self.fused_qkv else ["attn_q.weight", "attn_k.weight", "attn_v.weight"]
+        names += qkv
         names += ["attn_output.weight", "ffn_norm.weight"]
-        names += ["ffn_gate.weight", "ffn_up.weight", "ffn_down.weight"]
+        names += [] if self.fused_gate_up else ["ffn_gate.weight"]
+        names += ["ffn_up.weight", "ffn_down.weight"]
         if self.qkv_bias:
             names += ["attn_q.bias", "attn_k.bias", "attn_v.bias"]
         if self.qk_norm:
@@ -65,6 +71,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture("llama", unpermute_qk=True),
         Architecture("qwen2", qkv_bias=True, genai_type="qwen2"),
         Architecture("qwen3", qk_norm=True, genai_type="qwen3"),
+        Architecture("phi3", fused_qkv=True, fused_gate_up=True, genai_type="phi3"),
         Architecture(
             "gemma3",
             qk_norm=True,

@@ -111,6 +111,8 @@ def read_config(reader: gguf.GGUFReader) -> ModelConfig:
     embedding = tensors.get("token_embd.weight")
     if embedding is None:
         raise ModelError("GGUF file has no token_embd.weight tensor (a vocabulary-only file?)")
+    if "rope_factors_long.weight" in tensors or "rope_factors_short.weight" in tensors:
+        raise ModelError("rope scaling 'longrope' (rope_factors_long/short) is not supported")
     window = int(_field(reader, f"{arch}.attention.sliding_window", 0)) if spec.sliding_window_pattern else 0
     local_theta = spec.local_rope_base
     if local_theta is not None:

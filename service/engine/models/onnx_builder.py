@@ -367,11 +367,14 @@ class _Builder:
     def _attention(self, i: int, x: str) -> str:
         g, cfg, arch, read = self.g, self.cfg, self.arch, self.read
         p = f"blk.{i}"
-        weights = [read(f"{p}.attn_{name}.weight") for name in ("q", "k", "v")]
+        if arch.fused_qkv:
+            weight = read(f"{p}.attn_qkv.weight")
+        else:
+            weight = np.concatenate([read(f"{p}.attn_{name}.weight") for name in ("q", "k", "v")])
         bias = None
         if arch.qkv_bias:
             bias = np.concatenate([read(f"{p}.attn_{name}.bias") for name in ("q", "k", "v")])
-        qkv = g.linear(f"{p}.attn_qkv", x, np.concatenate(weights), bias)
+        qkv = g.linear(f"{p}.attn_qkv", x, weight, bias)
         if arch.qk_norm:
             q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
             split = g.init(f"{p}.qkv_split", np.array([q_size, kv_size, kv_size], dtype=np.int64))
@@ -410,8 +413,13 @@ class _Builder:
 
     def _mlp(self, p: str, x: str) -> str:
         g, read = self.g, self.read
-        gate = g.linear(f"{p}.ffn_gate", x, read(f"{p}.ffn_gate.weight"))
-        up = g.linear(f"{p}.ffn_up", x, read(f"{p}.ffn_up.weight"))
+        if self.arch.fused_gate_up:
+            both = read(f"{p}.ffn_up.weight")
+            gate_weight, up_weight = both[: self.cfg.intermediate_size], both[self.cfg.intermediate_size :]
+        else:
+            gate_weight, up_weight = read(f"{p}.ffn_gate.weight"), read(f"{p}.ffn_up.weight")
+        gate = g.linear(f"{p}.ffn_gate", x, gate_weight)
+        up = g.linear(f"{p}.ffn_up", x, up_weight)
         if self.arch.mlp is MLPKind.SWIGLU:
             g.node("Sigmoid", [gate], [f"{p}/gate_sigmoid"])
             act = g.node("Mul", [gate, f"{p}/gate_sigmoid"], [f"{p}/silu"])
