@@ -47,7 +47,13 @@ def add_engine_arguments(parser: argparse.ArgumentParser, *, several_models: boo
     group.add_argument(
         "--max-batch", type=int, default=_DEFAULTS.max_batch, help="generations per decode step"
     )
-    group.add_argument("--max-context", type=int, default=_DEFAULTS.max_context, help="positions per chat")
+    group.add_argument(
+        "--max-context",
+        type=int,
+        default=_DEFAULTS.max_context,
+        help="positions per chat (default: the model's context, capped to what one chat's cache "
+        "can hold within --kv-budget-mb)",
+    )
     group.add_argument(
         "--kv-budget-mb", type=int, default=_DEFAULTS.kv_budget_mb, help="memory for cached chats"
     )
@@ -55,7 +61,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser, *, several_models: boo
 
 def engine_settings(args: argparse.Namespace) -> EngineSettings:
     for name in ("threads", "max_batch", "max_context", "kv_budget_mb"):
-        if getattr(args, name) < (0 if name == "threads" else 1):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == "threads" else 1):
             raise SystemExit(f"--{name.replace('_', '-')} must be positive")
     return EngineSettings(
         device=args.device,

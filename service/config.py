@@ -18,7 +18,9 @@ class EngineSettings:
 
     ``kv_budget_mb`` bounds the memory of cached chats (least recently used chats are
     evicted past it and simply re-prefill on their next turn); ``kv_slots`` bounds how
-    many chats can hold a cache at once; ``max_context`` caps the positions per chat.
+    many chats can hold a cache at once; ``max_context`` caps the positions per chat (None:
+    the model's own context, but no more than one chat's cache can hold within
+    ``kv_budget_mb``, so a 128k-context model is not served at 128k blindly).
     """
 
     device: str = "auto"  # auto | cpu | cuda
@@ -27,7 +29,7 @@ class EngineSettings:
     max_waiting: int = 256  # bounded FIFO queue behind them
     kv_slots: int = 32
     kv_budget_mb: int = 2048
-    max_context: int = 4096
+    max_context: int | None = None
     prefill_chunk: int = 512  # tokens per prefill run when nobody is decoding
     interleaved_chunk: int = 64  # tokens per prefill run while others decode
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from service.config import EngineSettings
 from service.engine.engine import Engine
-from service.engine.loader import load_engine
+from service.engine.loader import load_engine, served_context
 from service.engine.models.onnx_builder import Precision
 from service.engine.models.registry import PreparedModel, parse_model_arg, resolve
 from service.errors import ModelError
@@ -72,7 +72,7 @@ class ModelPool:
         return [
             ModelBody(
                 id=model_id,
-                context_length=min(entry.model.context_length, self._settings.max_context),
+                context_length=served_context(entry.model, self._settings),
                 loaded=entry.engine is not None,
                 default=model_id == self.default_id,
                 chat=entry.model.chat,

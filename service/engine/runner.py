@@ -76,7 +76,10 @@ class _HostPool:
         self.page = mmap.PAGESIZE
         self.tensor_bytes = -(-per_tensor // self.page) * self.page
         tensors = shape.num_layers * 2
-        self.map = mmap.mmap(-1, self.tensor_bytes * tensors, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        # NORESERVE: the mapping is sized for every slot at full context, far more than is ever
+        # written; the kernel must not refuse it for the size alone (overcommit heuristics).
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
+        self.map = mmap.mmap(-1, self.tensor_bytes * tensors, flags=flags)
         flat = np.frombuffer(self.map, dtype=np.float32)
         self.arrays = [
             flat[t * self.tensor_bytes // 4 : t * self.tensor_bytes // 4 + slots * self.per_slot].reshape(

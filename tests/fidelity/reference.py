@@ -9,6 +9,7 @@ conversion or the runner rather than at text handling.
 from __future__ import annotations
 
 import inspect
+import json
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -26,12 +27,23 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 from transformers import AutoModelForCausalLM  # after the offline switches
 
 
+def load_reference_model(gguf_path: Path, overrides: dict[str, Any] | None = None) -> Any:
+    """Load (once per path) the GGUF as a float32 transformers model in eval mode.
+
+    ``overrides`` are config values the file does not carry or transformers does not read
+    from it (each caller says which and why).
+    """
+    return _load(Path(gguf_path).resolve(), json.dumps(overrides or {}, sort_keys=True))
+
+
 @lru_cache(maxsize=2)
-def load_reference_model(gguf_path: Path) -> Any:
-    """Load (once per path) the GGUF as a float32 transformers model in eval mode."""
-    path = Path(gguf_path).resolve()
+def _load(path: Path, overrides_json: str) -> Any:
     model: Any = AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, dtype=torch.float32, local_files_only=True
+        str(path.parent),
+        gguf_file=path.name,
+        dtype=torch.float32,
+        local_files_only=True,
+        **json.loads(overrides_json),
     )
     model.eval()
     return model
@@ -55,23 +67,27 @@ def _as_batch(ids: list[int]) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def reference_logits(gguf_path: Path, ids: list[int]) -> npt.NDArray[np.float32]:
+def reference_logits(
+    gguf_path: Path, ids: list[int], overrides: dict[str, Any] | None = None
+) -> npt.NDArray[np.float32]:
     """Teacher-forced logits, shape ``[len(ids), vocab]``: row i predicts the token after ids[i]."""
-    model = load_reference_model(gguf_path)
+    model = load_reference_model(gguf_path, overrides)
     out = model(input_ids=_as_batch(ids), use_cache=False)
     logits: npt.NDArray[np.float32] = out.logits[0].to(torch.float32).numpy().copy()
     return logits
 
 
 @torch.inference_mode()
-def reference_greedy(gguf_path: Path, prompt_ids: list[int], n: int) -> list[int]:
+def reference_greedy(
+    gguf_path: Path, prompt_ids: list[int], n: int, overrides: dict[str, Any] | None = None
+) -> list[int]:
     """Exactly ``n`` greedy (argmax) continuation ids: prefill once, then one token per step on the KV cache.
 
     No stopping on EOS and no generation config: the caller compares token for token.
     """
     if n < 0:
         raise ValueError("n must be >= 0")
-    model = load_reference_model(gguf_path)
+    model = load_reference_model(gguf_path, overrides)
     cache_kw = _cache_keyword(model)
     out = model(input_ids=_as_batch(prompt_ids), use_cache=True)
     generated: list[int] = []

@@ -1,28 +1,39 @@
-"""Read a Llama-family GGUF file into plain float32 weights with Hugging Face names and layout.
+"""Read a GGUF file: its model configuration, and its weights one tensor at a time.
 
-llama.cpp's converter permutes the rows of the query and key projections so that its
-"adjacent pairs" rotary embedding matches Hugging Face's "rotate half" one. We undo that
-permutation, so the ONNX graph uses the standard (non-interleaved) rotary layout, exactly
-as a model exported from the original checkpoint would.
+The file is memory-mapped (``gguf.GGUFReader``); a tensor is dequantized to float32 only when
+asked for, so converting a multi-GB file never holds more than one float32 tensor of it.
+
+Everything that makes a file unusable (architecture, quantization type, missing tensors,
+rope variant) is found when the source is opened, before any work, and reported as one
+``ModelError`` line.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import dataclasses
+import math
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from functools import cache
+from typing import TYPE_CHECKING, Any
 
 import gguf
 import numpy as np
 
+from service.engine.models.architectures import ARCHITECTURES, Architecture
 from service.errors import ModelError
 
-SUPPORTED_ARCHITECTURES = frozenset({"llama"})
+if TYPE_CHECKING:
+    from pathlib import Path
+
+_ROWS_PER_CHUNK = 4096  # dequantize big tensors in slices: bounded temporaries
+_FLOAT_TYPES = frozenset({gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16})
 
 
 @dataclass(frozen=True, slots=True)
-class LlamaConfig:
+class ModelConfig:
+    """The hyperparameters the graph needs, read from GGUF metadata (llama.cpp's keys)."""
+
+    architecture: str
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -34,9 +45,20 @@ class LlamaConfig:
     rms_norm_eps: float
     context_length: int
     tie_word_embeddings: bool
+    rope_linear_factor: float = 1.0  # positions divided by this (global layers only)
+    rope_local_theta: float | None = None  # rope base of sliding-window layers
+    sliding_window: int = 0  # keys a local layer's query sees, itself included (0: none)
+    sliding_window_pattern: int = 0
+    attention_scale: float | None = None  # None: 1 / sqrt(head_dim)
+    has_rope_freqs: bool = False  # a ``rope_freqs.weight`` tensor divides the frequencies
+
+    def is_local(self, layer: int) -> bool:
+        """Whether ``layer`` uses sliding-window attention."""
+        pattern = self.sliding_window_pattern
+        return self.sliding_window > 0 and pattern > 0 and (layer + 1) % pattern != 0
 
     def to_json(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self.__slots__}
+        return dataclasses.asdict(self)
 
 
 def _field(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
@@ -48,27 +70,111 @@ def _field(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
     return field.contents()
 
 
-def read_config(reader: gguf.GGUFReader) -> LlamaConfig:
-    arch = _field(reader, "general.architecture")
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise ModelError(f"GGUF architecture {arch!r} is not supported (supported: llama family)")
+def architecture_of(reader: gguf.GGUFReader) -> Architecture:
+    arch = str(_field(reader, "general.architecture"))
+    found = ARCHITECTURES.get(arch)
+    if found is None:
+        supported = ", ".join(sorted(ARCHITECTURES))
+        raise ModelError(f"GGUF architecture {arch!r} is not supported (supported: {supported})")
+    return found
+
+
+def _rope_linear_factor(reader: gguf.GGUFReader, arch: str) -> float:
+    kind = str(_field(reader, f"{arch}.rope.scaling.type", "none"))
+    factor = float(_field(reader, f"{arch}.rope.scaling.factor", 0.0))
+    if kind == "none" or (kind == "linear" and factor in (0.0, 1.0)):
+        return float(_field(reader, f"{arch}.rope.scale_linear", 1.0))
+    if kind != "linear":
+        raise ModelError(f"rope scaling {kind!r} is not supported (supported: linear, llama3 rope_freqs)")
+    return factor
+
+
+def read_config(reader: gguf.GGUFReader) -> ModelConfig:
+    spec = architecture_of(reader)
+    arch = spec.name
     hidden = int(_field(reader, f"{arch}.embedding_length"))
     heads = int(_field(reader, f"{arch}.attention.head_count"))
-    tensor_names = {t.name for t in reader.tensors}
-    embedding = next(t for t in reader.tensors if t.name == "token_embd.weight")
-    return LlamaConfig(
+    layers = int(_field(reader, f"{arch}.block_count"))
+    head_dim = int(_field(reader, f"{arch}.attention.key_length", hidden // heads))
+    value_dim = int(_field(reader, f"{arch}.attention.value_length", head_dim))
+    if value_dim != head_dim:
+        raise ModelError(f"key length {head_dim} != value length {value_dim} is not supported")
+    rope_dims = int(_field(reader, f"{arch}.rope.dimension_count", head_dim))
+    if rope_dims != head_dim:
+        raise ModelError(f"partial rotary embedding ({rope_dims} of {head_dim} dims) is not supported")
+    kv_heads = _field(reader, f"{arch}.attention.head_count_kv", heads)
+    if isinstance(kv_heads, list):  # per-layer counts: only a uniform one is supported
+        if len(set(kv_heads)) != 1:
+            raise ModelError("layers with different numbers of KV heads are not supported")
+        kv_heads = kv_heads[0]
+    tensors = {t.name: t for t in reader.tensors}
+    embedding = tensors.get("token_embd.weight")
+    if embedding is None:
+        raise ModelError("GGUF file has no token_embd.weight tensor (a vocabulary-only file?)")
+    if "rope_factors_long.weight" in tensors or "rope_factors_short.weight" in tensors:
+        raise ModelError("rope scaling 'longrope' (rope_factors_long/short) is not supported")
+    window = int(_field(reader, f"{arch}.attention.sliding_window", 0)) if spec.sliding_window_pattern else 0
+    local_theta = spec.local_rope_base
+    if local_theta is not None:
+        local_theta = float(_field(reader, f"{arch}.rope.freq_base_swa", local_theta))
+    return ModelConfig(
+        architecture=arch,
         vocab_size=int(_field(reader, f"{arch}.vocab_size", int(embedding.shape[-1]))),
         hidden_size=hidden,
         intermediate_size=int(_field(reader, f"{arch}.feed_forward_length")),
-        num_layers=int(_field(reader, f"{arch}.block_count")),
+        num_layers=layers,
         num_heads=heads,
-        num_kv_heads=int(_field(reader, f"{arch}.attention.head_count_kv", heads)),
-        head_dim=int(_field(reader, f"{arch}.attention.key_length", hidden // heads)),
+        num_kv_heads=int(kv_heads),
+        head_dim=head_dim,
         rope_theta=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
         rms_norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
         context_length=int(_field(reader, f"{arch}.context_length", 2048)),
-        tie_word_embeddings="output.weight" not in tensor_names,
+        tie_word_embeddings="output.weight" not in tensors,
+        rope_linear_factor=_rope_linear_factor(reader, arch),
+        rope_local_theta=local_theta,
+        sliding_window=window,
+        sliding_window_pattern=spec.sliding_window_pattern if window else 0,
+        attention_scale=_attention_scale(arch, hidden, heads, layers, head_dim),
+        has_rope_freqs="rope_freqs.weight" in tensors,
     )
+
+
+def _attention_scale(arch: str, hidden: int, heads: int, layers: int, head_dim: int) -> float | None:
+    """Gemma 3 scales queries by query_pre_attn_scalar**-0.5, which the GGUF does not carry:
+    as in llama.cpp, that is hidden/heads for the 27B model (62 layers), else head_dim."""
+    if arch == "gemma3" and layers == 62:
+        return 1.0 / math.sqrt(hidden / heads)
+    return None
+
+
+@cache
+def dequantizable(qtype: gguf.GGMLQuantizationType) -> bool:
+    """Whether the gguf package can turn tensors of ``qtype`` into float32."""
+    if qtype in _FLOAT_TYPES:
+        return True
+    _, size = gguf.GGML_QUANT_SIZES.get(qtype, (0, 0))
+    if not size:
+        return False
+    try:
+        gguf.quants.dequantize(np.zeros((1, size), dtype=np.uint8), qtype)
+    except (NotImplementedError, ValueError, KeyError):
+        return False
+    return True
+
+
+def _dequantize(data: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
+    """float32 of a tensor's data, a slice of rows at a time (the gguf package's dequantizers
+    make several full-size temporaries)."""
+    if data.ndim < 2 or data.shape[0] <= _ROWS_PER_CHUNK:
+        return np.asarray(gguf.quants.dequantize(data, qtype), dtype=np.float32)
+    first = np.asarray(gguf.quants.dequantize(data[:_ROWS_PER_CHUNK], qtype), dtype=np.float32)
+    out = np.empty((data.shape[0], *first.shape[1:]), dtype=np.float32)
+    out[:_ROWS_PER_CHUNK] = first
+    for start in range(_ROWS_PER_CHUNK, data.shape[0], _ROWS_PER_CHUNK):
+        out[start : start + _ROWS_PER_CHUNK] = gguf.quants.dequantize(
+            data[start : start + _ROWS_PER_CHUNK], qtype
+        )
+    return out
 
 
 def _unpermute_rotary_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
@@ -77,63 +183,68 @@ def _unpermute_rotary_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
     return weight.reshape(n_heads, half, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-_LAYER_NAMES = {
-    "attn_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-    "attn_q.weight": "self_attn.q_proj.weight",
-    "attn_k.weight": "self_attn.k_proj.weight",
-    "attn_v.weight": "self_attn.v_proj.weight",
-    "attn_output.weight": "self_attn.o_proj.weight",
-    "ffn_gate.weight": "mlp.gate_proj.weight",
-    "ffn_up.weight": "mlp.up_proj.weight",
-    "ffn_down.weight": "mlp.down_proj.weight",
-}
-_GLOBAL_NAMES = {
-    "token_embd.weight": "embed_tokens.weight",
-    "output_norm.weight": "norm.weight",
-    "output.weight": "lm_head.weight",
-}
-
-
-def _hf_name(gguf_name: str) -> str | None:
-    if gguf_name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[gguf_name]
-    parts = gguf_name.split(".", 2)
-    if parts[0] == "blk" and len(parts) == 3 and parts[2] in _LAYER_NAMES:
-        return f"layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}"
-    return None
-
-
 class GGUFSource:
-    """One GGUF file: its config, its tokenizer metadata and its weights (float32, HF layout)."""
+    """One GGUF file: its config, its tokenizer metadata, and its tensors on demand."""
 
     def __init__(self, path: Path) -> None:
         if not path.is_file():
             raise ModelError(f"GGUF file not found: {path}")
         try:
             self.reader = gguf.GGUFReader(path)
-        except (ValueError, OSError) as exc:
+        except (ValueError, OSError, KeyError) as exc:
             raise ModelError(f"{path} is not a readable GGUF file: {exc}") from exc
         self.path = path
+        self.architecture = architecture_of(self.reader)
         self.config = read_config(self.reader)
         self._tensors = {t.name: t for t in self.reader.tensors}
+        self._check_tensors()
+
+    def _check_tensors(self) -> None:
+        missing = [name for name in self.needed_tensors() if name not in self._tensors]
+        if missing:
+            shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+            raise ModelError(f"GGUF file lacks tensors the {self.architecture.name} graph needs: {shown}")
+        bad = sorted({self._tensors[n].tensor_type.name for n in self.needed_tensors()
+                      if not dequantizable(self._tensors[n].tensor_type)})  # fmt: skip
+        if bad:
+            raise ModelError(f"quantization type {', '.join(bad)} is not supported (no dequantizer)")
+
+    def needed_tensors(self) -> list[str]:
+        """Every tensor the graph reads, in the order the builder reads them."""
+        cfg = self.config
+        names = ["token_embd.weight"]
+        if cfg.has_rope_freqs:
+            names.append("rope_freqs.weight")
+        for i in range(cfg.num_layers):
+            names += [f"blk.{i}.{name}" for name in self.architecture.layer_tensors()]
+        names.append("output_norm.weight")
+        if not cfg.tie_word_embeddings:
+            names.append("output.weight")
+        return names
 
     def metadata(self, key: str, default: Any = None) -> Any:
         return _field(self.reader, key, default)
 
     def tensor_count(self) -> int:
-        return sum(1 for name in self._tensors if _hf_name(name) is not None)
+        return len(self.needed_tensors())
 
-    def weights(self) -> Iterator[tuple[str, np.ndarray]]:
-        """Yield (HF name, float32 array [out, in] or [n]) one tensor at a time."""
-        cfg = self.config
-        for name, tensor in self._tensors.items():
-            hf = _hf_name(name)
-            if hf is None:
-                continue
-            array = np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
-            if hf.endswith("q_proj.weight"):
-                array = _unpermute_rotary_rows(array, cfg.num_heads)
-            elif hf.endswith("k_proj.weight"):
-                array = _unpermute_rotary_rows(array, cfg.num_kv_heads)
-            yield hf, array
+    def quantization_types(self) -> dict[str, int]:
+        """How many tensors of each type the file holds (for ``models inspect``)."""
+        counts: dict[str, int] = {}
+        for tensor in self._tensors.values():
+            counts[tensor.tensor_type.name] = counts.get(tensor.tensor_type.name, 0) + 1
+        return counts
+
+    def tensor(self, name: str) -> np.ndarray:
+        """Tensor ``name`` as float32, numpy layout ([out, in] for matrices), with llama.cpp's
+        q/k row permutation undone where the family has one."""
+        tensor = self._tensors.get(name)
+        if tensor is None:
+            raise ModelError(f"GGUF file lacks tensor {name!r}")
+        array = _dequantize(tensor.data, tensor.tensor_type)
+        if self.architecture.unpermute_qk:
+            if name.endswith(".attn_q.weight"):
+                array = _unpermute_rotary_rows(array, self.config.num_heads)
+            elif name.endswith(".attn_k.weight"):
+                array = _unpermute_rotary_rows(array, self.config.num_kv_heads)
+        return array

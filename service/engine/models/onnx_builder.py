@@ -1,11 +1,13 @@
-"""Build a fast ONNX decoder graph for a Llama-family model from float32 weights.
+"""Build a fast ONNX decoder graph from a GGUF model, for every family in ``architectures``.
 
 The graph has the shape onnxruntime-genai's model builder emits, so the same file runs in
 our runner and in ``onnxruntime_genai`` (for side-by-side benchmarks):
 
-* ``GroupQueryAttention`` with packed QKV, rotary embedding inside the op (cos/sin caches),
-  and past/present KV tensors ``[batch, kv_heads, seq, head_dim]`` that may share one
-  buffer (the runner binds the same memory as past and present: no per-step cache copy);
+* ``GroupQueryAttention`` with rotary embedding inside the op (cos/sin caches), and
+  past/present KV tensors ``[batch, kv_heads, seq, head_dim]`` that may share one buffer
+  (the runner binds the same memory as past and present: no per-step cache copy). Q, K and
+  V come packed from one projection; families that normalize q and k per head first
+  (Qwen 3, Gemma 3) pass them unpacked, normalized, to the same op;
 * ``SimplifiedLayerNormalization`` / ``SkipSimplifiedLayerNormalization`` (residual fused);
 * ``MatMulNBits`` weights (int8 or int4, block-wise) or plain ``MatMul`` (fp32);
 * an lm_head that computes logits for the last position only.
@@ -14,29 +16,51 @@ Inputs: ``input_ids`` int64 [batch, seq], ``attention_mask`` int64 [batch, total
 (only its row sums and width are used: row sum = valid length of that row's cache after
 this step), ``past_key_values.{i}.key|value``. Outputs: ``logits`` float32
 [batch, 1, vocab], ``present.{i}.key|value``.
+
+Weights are read one tensor at a time and written straight to the external data file as
+they are converted, so memory stays near one float32 tensor whatever the model's size.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from service.engine.models.gguf_source import LlamaConfig
+from service.engine.models.architectures import Architecture, MLPKind
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from pathlib import Path
+
+    from service.engine.models.gguf_source import ModelConfig
 
 MS_DOMAIN = "com.microsoft"
 BLOCK_SIZE = 32
+_INLINE_BYTES = 1024  # smaller tensors stay inside the graph file
+_ALIGN = 4096  # external tensors start on page boundaries (ORT can map them)
 
 
 class Precision(StrEnum):
     INT8 = "int8"
     INT4 = "int4"
     FP32 = "fp32"
+
+
+class WeightSource(Protocol):
+    """What the builder reads: a config, an architecture, and float32 tensors by GGUF name."""
+
+    @property
+    def config(self) -> ModelConfig: ...
+
+    @property
+    def architecture(self) -> Architecture: ...
+
+    def tensor(self, name: str) -> np.ndarray: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,151 +120,316 @@ def quantize_blockwise(weight: np.ndarray, bits: int, block_size: int = BLOCK_SI
     return QuantizedWeight(packed, scales.reshape(-1), zp_packed, 4, n, k)
 
 
-def rotary_caches(config: LlamaConfig, max_positions: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos/sin tables [max_positions, head_dim / 2], computed in float32 as transformers does."""
-    dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
-    inv_freq = inv_freq.astype(np.float32)
+def _quantize_in_slices(weight: np.ndarray, bits: int, rows: int = 4096) -> QuantizedWeight:
+    """``quantize_blockwise`` a slice of rows at a time (its temporaries are several times
+    the weight's size; a vocabulary-sized lm_head would otherwise dominate peak memory)."""
+    if weight.shape[0] <= rows:
+        return quantize_blockwise(weight, bits)
+    parts = [
+        quantize_blockwise(weight[start : start + rows], bits) for start in range(0, weight.shape[0], rows)
+    ]
+    zero_points = None
+    if parts[0].zero_points is not None:
+        zero_points = np.concatenate([p.zero_points for p in parts if p.zero_points is not None])
+    return QuantizedWeight(
+        np.concatenate([p.packed for p in parts]),
+        np.concatenate([p.scales for p in parts]),
+        zero_points,
+        bits,
+        weight.shape[0],
+        weight.shape[1],
+    )
+
+
+def inverse_frequencies(
+    head_dim: int, theta: float, *, linear_factor: float = 1.0, freq_factors: np.ndarray | None = None
+) -> np.ndarray:
+    """Rope inverse frequencies [head_dim / 2] in float32, computed as transformers does.
+
+    ``freq_factors`` is llama.cpp's ``rope_freqs.weight`` (Llama 3.x's ``llama3`` scaling,
+    stored as one divisor per frequency); ``linear_factor`` divides every frequency.
+    """
+    exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    inv_freq = (np.float32(1.0) / (np.float32(theta) ** exponents)).astype(np.float32)
+    if freq_factors is not None:
+        inv_freq = (inv_freq / freq_factors.astype(np.float32)).astype(np.float32)
+    if linear_factor != 1.0:
+        inv_freq = (inv_freq / np.float32(linear_factor)).astype(np.float32)
+    return inv_freq
+
+
+def rotary_caches(inv_freq: np.ndarray, max_positions: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin tables [max_positions, head_dim / 2] in float32."""
     positions = np.arange(max_positions, dtype=np.float32)
     freqs = np.outer(positions, inv_freq).astype(np.float32)
     return np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)
 
 
 class _Graph:
-    def __init__(self, precision: Precision, accuracy_level: int) -> None:
+    """Nodes and initializers; large initializers go straight to the external data file."""
+
+    def __init__(self, precision: Precision, accuracy_level: int, data: BinaryIO, data_name: str) -> None:
         self.precision = precision
         self.accuracy_level = accuracy_level
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
+        self._data = data
+        self._data_name = data_name
+        self._offset = 0
 
     def init(self, name: str, array: np.ndarray) -> str:
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        array = np.ascontiguousarray(array)
+        if array.nbytes < _INLINE_BYTES:
+            self.initializers.append(numpy_helper.from_array(array, name))
+            return name
+        start = -(-self._offset // _ALIGN) * _ALIGN
+        if start > self._offset:
+            self._data.write(b"\0" * (start - self._offset))
+        self._data.write(array.data)  # the buffer itself: no bytes copy
+        self._offset = start + array.nbytes
+        tensor = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype))
+        tensor.dims.extend(array.shape)
+        tensor.data_location = TensorProto.EXTERNAL
+        where = {"location": self._data_name, "offset": str(start), "length": str(array.nbytes)}
+        for key, value in where.items():
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        self.initializers.append(tensor)
         return name
 
-    def node(self, op: str, inputs: list[str], outputs: list[str], domain: str = "", **attrs: Any) -> None:
+    def node(self, op: str, inputs: list[str], outputs: list[str], domain: str = "", **attrs: Any) -> str:
         self.nodes.append(
             helper.make_node(op, inputs, outputs, name=outputs[0] + "/" + op, domain=domain, **attrs)
         )
+        return outputs[0]
 
-    def linear(self, name: str, x: str, weight: np.ndarray) -> str:
-        """y = x @ weight.T for a float32 weight [out, in]."""
+    def linear(self, name: str, x: str, weight: np.ndarray, bias: np.ndarray | None = None) -> str:
+        """y = x @ weight.T (+ bias) for a float32 weight [out, in]."""
         out = f"{name}/out"
         if self.precision is Precision.FP32:
             self.node("MatMul", [x, self.init(f"{name}.weight", weight.T)], [out])
+        else:
+            q = _quantize_in_slices(weight, 8 if self.precision is Precision.INT8 else 4)
+            inputs = [x, self.init(f"{name}.qweight", q.packed), self.init(f"{name}.scales", q.scales)]
+            if q.zero_points is not None:
+                inputs.append(self.init(f"{name}.qzeros", q.zero_points))
+            self.node(
+                "MatMulNBits", inputs, [out], domain=MS_DOMAIN,
+                K=q.k, N=q.n, bits=q.bits, block_size=BLOCK_SIZE, accuracy_level=self.accuracy_level,
+            )  # fmt: skip
+        if bias is None:
             return out
-        q = quantize_blockwise(weight, 8 if self.precision is Precision.INT8 else 4)
-        inputs = [x, self.init(f"{name}.qweight", q.packed), self.init(f"{name}.scales", q.scales)]
-        if q.zero_points is not None:
-            inputs.append(self.init(f"{name}.qzeros", q.zero_points))
-        self.node(
-            "MatMulNBits", inputs, [out], domain=MS_DOMAIN,
-            K=q.k, N=q.n, bits=q.bits, block_size=BLOCK_SIZE, accuracy_level=self.accuracy_level,
+        return self.node("Add", [out, self.init(f"{name}.bias", bias)], [f"{name}/biased"])
+
+    def rms_norm(self, name: str, x: str, weight: np.ndarray, eps: float) -> str:
+        return self.node(
+            "SimplifiedLayerNormalization", [x, self.init(f"{name}.weight", weight)], [f"{name}/out"],
+            axis=-1, epsilon=eps, stash_type=1,
         )  # fmt: skip
-        return out
+
+    def skip_rms_norm(
+        self, name: str, x: str, residual: str, weight: np.ndarray, eps: float
+    ) -> tuple[str, str]:
+        """(norm(x + residual), x + residual)."""
+        norm, total = f"{name}/out", f"{name}/sum"
+        self.node(
+            "SkipSimplifiedLayerNormalization", [x, residual, self.init(f"{name}.weight", weight)],
+            [norm, "", "", total], domain=MS_DOMAIN, epsilon=eps,
+        )  # fmt: skip
+        return norm, total
 
 
-def build_llama_graph(
-    config: LlamaConfig,
-    weights: Iterable[tuple[str, np.ndarray]],
+class _Reader:
+    """Reads tensors from the source and reports each name to ``on_tensor``."""
+
+    def __init__(self, source: WeightSource, on_tensor: Callable[[str], None] | None) -> None:
+        self._source = source
+        self._on_tensor = on_tensor
+
+    def __call__(self, name: str) -> np.ndarray:
+        array = self._source.tensor(name)
+        if self._on_tensor is not None:
+            self._on_tensor(name)
+        return array
+
+
+def build_decoder(
+    source: WeightSource,
+    model_path: Path,
     *,
     precision: Precision = Precision.INT8,
     accuracy_level: int = 0,
     max_positions: int | None = None,
     on_tensor: Callable[[str], None] | None = None,
-) -> onnx.ModelProto:
-    """Return the decoder graph. ``weights`` yields (HF name, float32 array) in any order."""
-    w: dict[str, np.ndarray] = {}
-    for name, array in weights:
-        w[name] = array
-        if on_tensor is not None:
-            on_tensor(name)
-    g = _Graph(precision, accuracy_level)
-    cfg = config
-    eps = cfg.rms_norm_eps
-    positions = max_positions or cfg.context_length
+) -> None:
+    """Write the decoder graph to ``model_path`` and its weights to ``model_path + '.data'``.
 
-    int64_max = np.iinfo(np.int64).max
-    g.init("const.one", np.array([1], dtype=np.int64))
-    g.init("const.axis1", np.array([1], dtype=np.int64))
-    g.init("const.last_start", np.array([-1], dtype=np.int64))
-    g.init("const.last_end", np.array([int64_max], dtype=np.int64))
-    cos, sin = rotary_caches(cfg, positions)
-    g.init("cos_cache", cos)
-    g.init("sin_cache", sin)
+    ``on_tensor`` is called with each GGUF tensor name once it is read; an exception it
+    raises stops the build (the caller removes the half-written files).
+    """
+    data_name = model_path.name + ".data"
+    with (model_path.parent / data_name).open("wb") as data:
+        g = _Graph(precision, accuracy_level, data, data_name)
+        _Builder(g, source.config, source.architecture, _Reader(source, on_tensor)).build(max_positions)
+    model = _model_proto(g, source.config)
+    model_path.write_bytes(model.SerializeToString())
 
-    # seqlens_k = rowsum(mask) - 1 (int32); total_sequence_length = mask width (int32).
-    g.node("ReduceSum", ["attention_mask", "const.axis1"], ["mask/rowsum"], keepdims=0)
-    g.node("Sub", ["mask/rowsum", "const.one"], ["mask/seqlens_k_i64"])
-    g.node("Cast", ["mask/seqlens_k_i64"], ["seqlens_k"], to=TensorProto.INT32)
-    g.node("Shape", ["attention_mask"], ["mask/shape"])
-    g.node("Gather", ["mask/shape", "const.one"], ["mask/total_i64"], axis=0)
-    g.node("Cast", ["mask/total_i64"], ["total_sequence_length"], to=TensorProto.INT32)
 
-    g.node("Gather", [g.init("embed_tokens.weight", w["embed_tokens.weight"]), "input_ids"], ["embed/out"])
-    residual = "embed/out"
-    mlp_out: str | None = None
-    for i in range(cfg.num_layers):
-        p = f"layers.{i}"
-        ln1 = g.init(f"{p}.input_layernorm.weight", w[f"{p}.input_layernorm.weight"])
-        if mlp_out is None:
-            g.node(
-                "SimplifiedLayerNormalization",
-                [residual, ln1],
-                [f"{p}/ln1"],
-                axis=-1,
-                epsilon=eps,
-                stash_type=1,
-            )
-        else:
-            g.node(
-                "SkipSimplifiedLayerNormalization", [mlp_out, residual, ln1],
-                [f"{p}/ln1", "", "", f"{p}/resid1"], domain=MS_DOMAIN, epsilon=eps,
-            )  # fmt: skip
-            residual = f"{p}/resid1"
-        qkv_weight = np.concatenate(
-            [
-                w[f"{p}.self_attn.q_proj.weight"],
-                w[f"{p}.self_attn.k_proj.weight"],
-                w[f"{p}.self_attn.v_proj.weight"],
-            ]
+class _Builder:
+    """The shared blocks of every family; the ``Architecture`` flags pick among them."""
+
+    def __init__(self, g: _Graph, cfg: ModelConfig, arch: Architecture, read: _Reader) -> None:
+        self.g, self.cfg, self.arch, self.read = g, cfg, arch, read
+
+    def build(self, max_positions: int | None) -> None:
+        g, cfg = self.g, self.cfg
+        self._inputs()
+        embed = self.read("token_embd.weight")
+        self._rotary(max_positions or cfg.context_length)
+        hidden = self._embedding(embed)
+        del embed
+        residual, pending = hidden, None
+        for layer in range(cfg.num_layers):
+            residual, pending = self._layer(layer, residual, pending)
+        assert pending is not None
+        # Only the last position's logits are ever used: slice before the final norm and lm_head.
+        last = ["const.last_start", "const.last_end", "const.axis1"]
+        g.node("Slice", [pending, *last], ["final/pending_last"])
+        g.node("Slice", [residual, *last], ["final/resid_last"])
+        final_weight = self.read("output_norm.weight")
+        final, _ = g.skip_rms_norm(
+            "final_norm", "final/pending_last", "final/resid_last", final_weight, cfg.rms_norm_eps
         )
-        qkv = g.linear(f"{p}.attn.qkv_proj", f"{p}/ln1", qkv_weight)
+        # Tied embeddings are read a second time rather than held through the whole build.
+        head = self.read("token_embd.weight") if cfg.tie_word_embeddings else self.read("output.weight")
+        g.node("Identity", [g.linear("lm_head", final, head)], ["logits"])
+
+    def _inputs(self) -> None:
+        g = self.g
+        g.init("const.one", np.array([1], dtype=np.int64))
+        g.init("const.axis1", np.array([1], dtype=np.int64))
+        g.init("const.last_start", np.array([-1], dtype=np.int64))
+        g.init("const.last_end", np.array([np.iinfo(np.int64).max], dtype=np.int64))
+        # seqlens_k = rowsum(mask) - 1 (int32); total_sequence_length = mask width (int32).
+        g.node("ReduceSum", ["attention_mask", "const.axis1"], ["mask/rowsum"], keepdims=0)
+        g.node("Sub", ["mask/rowsum", "const.one"], ["mask/seqlens_k_i64"])
+        g.node("Cast", ["mask/seqlens_k_i64"], ["seqlens_k"], to=TensorProto.INT32)
+        g.node("Shape", ["attention_mask"], ["mask/shape"])
+        g.node("Gather", ["mask/shape", "const.one"], ["mask/total_i64"], axis=0)
+        g.node("Cast", ["mask/total_i64"], ["total_sequence_length"], to=TensorProto.INT32)
+
+    def _rotary(self, positions: int) -> None:
+        cfg = self.cfg
+        factors = self.read("rope_freqs.weight") if cfg.has_rope_freqs else None
+        inv_freq = inverse_frequencies(
+            cfg.head_dim, cfg.rope_theta, linear_factor=cfg.rope_linear_factor, freq_factors=factors
+        )
+        cos, sin = rotary_caches(inv_freq, positions)
+        self.g.init("cos_cache", cos)
+        self.g.init("sin_cache", sin)
+        if cfg.rope_local_theta is not None and any(cfg.is_local(i) for i in range(cfg.num_layers)):
+            cos, sin = rotary_caches(inverse_frequencies(cfg.head_dim, cfg.rope_local_theta), positions)
+            self.g.init("cos_cache_local", cos)
+            self.g.init("sin_cache_local", sin)
+
+    def _embedding(self, embed: np.ndarray) -> str:
+        g = self.g
+        if g.precision is Precision.FP32:
+            g.node("Gather", [g.init("embed_tokens.weight", embed), "input_ids"], ["embed/out"])
+        else:  # half the memory of float32; the rounding is far below int8's
+            table = g.init("embed_tokens.weight_fp16", embed.astype(np.float16))
+            g.node("Gather", [table, "input_ids"], ["embed/fp16"])
+            g.node("Cast", ["embed/fp16"], ["embed/out"], to=TensorProto.FLOAT)
+        if not self.arch.scale_embeddings:
+            return "embed/out"
+        scale = g.init("embed.scale", np.array(np.sqrt(self.cfg.hidden_size), dtype=np.float32))
+        return g.node("Mul", ["embed/out", scale], ["embed/scaled"])
+
+    def _layer(self, i: int, residual: str, pending: str | None) -> tuple[str, str]:
+        """One block. ``pending`` is the previous block's output not yet added to ``residual``;
+        returns the new (residual, pending)."""
+        g, cfg, arch, read = self.g, self.cfg, self.arch, self.read
+        p, eps = f"blk.{i}", cfg.rms_norm_eps
+        attn_norm = read(f"{p}.attn_norm.weight")
+        if pending is None:
+            x = g.rms_norm(f"{p}.attn_norm", residual, attn_norm, eps)
+        else:
+            x, residual = g.skip_rms_norm(f"{p}.attn_norm", pending, residual, attn_norm, eps)
+        attn = g.linear(f"{p}.attn_output", self._attention(i, x), read(f"{p}.attn_output.weight"))
+        if arch.sandwich_norms:
+            attn = g.rms_norm(f"{p}.post_attention_norm", attn, read(f"{p}.post_attention_norm.weight"), eps)
+        x, residual = g.skip_rms_norm(f"{p}.ffn_norm", attn, residual, read(f"{p}.ffn_norm.weight"), eps)
+        out = self._mlp(p, x)
+        if arch.sandwich_norms:
+            out = g.rms_norm(f"{p}.post_ffw_norm", out, read(f"{p}.post_ffw_norm.weight"), eps)
+        return residual, out
+
+    def _attention(self, i: int, x: str) -> str:
+        g, cfg, arch, read = self.g, self.cfg, self.arch, self.read
+        p = f"blk.{i}"
+        if arch.fused_qkv:
+            weight = read(f"{p}.attn_qkv.weight")
+        else:
+            weight = np.concatenate([read(f"{p}.attn_{name}.weight") for name in ("q", "k", "v")])
+        bias = None
+        if arch.qkv_bias:
+            bias = np.concatenate([read(f"{p}.attn_{name}.bias") for name in ("q", "k", "v")])
+        qkv = g.linear(f"{p}.attn_qkv", x, weight, bias)
+        if arch.qk_norm:
+            q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+            split = g.init(f"{p}.qkv_split", np.array([q_size, kv_size, kv_size], dtype=np.int64))
+            q, k, v = f"{p}/q", f"{p}/k", f"{p}/v"
+            g.node("Split", [qkv, split], [q, k, v], axis=-1)
+            q = self._head_norm(f"{p}.attn_q_norm", q, cfg.num_heads)
+            k = self._head_norm(f"{p}.attn_k_norm", k, cfg.num_kv_heads)
+            qkv_inputs = [q, k, v]
+        else:
+            qkv_inputs = [qkv, "", ""]
+        local = cfg.is_local(i)
+        suffix = "_local" if local and cfg.rope_local_theta is not None else ""
+        caches = [f"cos_cache{suffix}", f"sin_cache{suffix}"]
+        attrs: dict[str, Any] = {}
+        if cfg.attention_scale is not None:
+            attrs["scale"] = cfg.attention_scale
+        out = f"{p}/attn"
         g.node(
             "GroupQueryAttention",
-            [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value",
-             "seqlens_k", "total_sequence_length", "cos_cache", "sin_cache"],
-            [f"{p}/attn", f"present.{i}.key", f"present.{i}.value"],
+            [*qkv_inputs, f"past_key_values.{i}.key", f"past_key_values.{i}.value",
+             "seqlens_k", "total_sequence_length", *caches],
+            [out, f"present.{i}.key", f"present.{i}.value"],
             domain=MS_DOMAIN, num_heads=cfg.num_heads, kv_num_heads=cfg.num_kv_heads,
-            do_rotary=1, rotary_interleaved=0, local_window_size=-1,
+            do_rotary=1, rotary_interleaved=0, local_window_size=cfg.sliding_window if local else -1, **attrs,
         )  # fmt: skip
-        attn_out = g.linear(f"{p}.attn.o_proj", f"{p}/attn", w[f"{p}.self_attn.o_proj.weight"])
-        ln2 = g.init(f"{p}.post_attention_layernorm.weight", w[f"{p}.post_attention_layernorm.weight"])
-        g.node(
-            "SkipSimplifiedLayerNormalization", [attn_out, residual, ln2],
-            [f"{p}/ln2", "", "", f"{p}/resid2"], domain=MS_DOMAIN, epsilon=eps,
-        )  # fmt: skip
-        residual = f"{p}/resid2"
-        gate = g.linear(f"{p}.mlp.gate_proj", f"{p}/ln2", w[f"{p}.mlp.gate_proj.weight"])
-        up = g.linear(f"{p}.mlp.up_proj", f"{p}/ln2", w[f"{p}.mlp.up_proj.weight"])
-        g.node("Sigmoid", [gate], [f"{p}/gate_sigmoid"])
-        g.node("Mul", [gate, f"{p}/gate_sigmoid"], [f"{p}/silu"])
-        g.node("Mul", [f"{p}/silu", up], [f"{p}/mlp_in"])
-        mlp_out = g.linear(f"{p}.mlp.down_proj", f"{p}/mlp_in", w[f"{p}.mlp.down_proj.weight"])
-    assert mlp_out is not None
+        return out
 
-    # Only the last position's logits are ever used: slice before the final norm and lm_head.
-    last = ["const.last_start", "const.last_end", "const.axis1"]
-    g.node("Slice", [mlp_out, *last], ["final/mlp_last"])
-    g.node("Slice", [residual, *last], ["final/resid_last"])
-    final_norm = g.init("norm.weight", w["norm.weight"])
-    g.node(
-        "SkipSimplifiedLayerNormalization", ["final/mlp_last", "final/resid_last", final_norm],
-        ["final/norm"], domain=MS_DOMAIN, epsilon=eps,
-    )  # fmt: skip
-    lm_head = w["embed_tokens.weight"] if cfg.tie_word_embeddings else w["lm_head.weight"]
-    logits = g.linear("lm_head", "final/norm", lm_head)
-    g.node("Identity", [logits], ["logits"])
+    def _head_norm(self, name: str, x: str, heads: int) -> str:
+        """RMSNorm over each head of ``x`` [batch, seq, heads * head_dim]."""
+        g = self.g
+        shape = g.init(f"{name}.shape", np.array([0, 0, heads, self.cfg.head_dim], dtype=np.int64))
+        g.node("Reshape", [x, shape], [f"{name}/heads"])
+        normed = g.rms_norm(name, f"{name}/heads", self.read(f"{name}.weight"), self.cfg.rms_norm_eps)
+        flat = g.init(f"{name}.flat", np.array([0, 0, heads * self.cfg.head_dim], dtype=np.int64))
+        return g.node("Reshape", [normed, flat], [f"{name}/flat"])
 
+    def _mlp(self, p: str, x: str) -> str:
+        g, read = self.g, self.read
+        if self.arch.fused_gate_up:
+            both = read(f"{p}.ffn_up.weight")
+            gate_weight, up_weight = both[: self.cfg.intermediate_size], both[self.cfg.intermediate_size :]
+        else:
+            gate_weight, up_weight = read(f"{p}.ffn_gate.weight"), read(f"{p}.ffn_up.weight")
+        gate = g.linear(f"{p}.ffn_gate", x, gate_weight)
+        up = g.linear(f"{p}.ffn_up", x, up_weight)
+        if self.arch.mlp is MLPKind.SWIGLU:
+            g.node("Sigmoid", [gate], [f"{p}/gate_sigmoid"])
+            act = g.node("Mul", [gate, f"{p}/gate_sigmoid"], [f"{p}/silu"])
+        else:
+            act = g.node("Gelu", [gate], [f"{p}/gelu"], approximate="tanh")
+        g.node("Mul", [act, up], [f"{p}/mlp_in"])
+        return g.linear(f"{p}.ffn_down", f"{p}/mlp_in", read(f"{p}.ffn_down.weight"))
+
+
+def _model_proto(g: _Graph, cfg: ModelConfig) -> onnx.ModelProto:
     kv_shape: list[str | int] = ["batch_size", cfg.num_kv_heads, "past_sequence_length", cfg.head_dim]
     present_shape: list[str | int] = ["batch_size", cfg.num_kv_heads, "total_sequence_length", cfg.head_dim]
     inputs = [
@@ -258,7 +447,7 @@ def build_llama_graph(
             outputs.append(
                 helper.make_tensor_value_info(f"present.{i}.{kind}", TensorProto.FLOAT, present_shape)
             )
-    graph = helper.make_graph(g.nodes, "llama_decoder", inputs, outputs, g.initializers)
+    graph = helper.make_graph(g.nodes, f"{cfg.architecture}_decoder", inputs, outputs, g.initializers)
     model = helper.make_model(
         graph,
         opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(MS_DOMAIN, 1)],
@@ -266,11 +455,3 @@ def build_llama_graph(
     )
     model.ir_version = 10
     return model
-
-
-def save_model(model: onnx.ModelProto, path: str) -> None:
-    """Save with weights in one external data file beside the graph (no 2 GB protobuf cap)."""
-    onnx.save_model(
-        model, path, save_as_external_data=True, all_tensors_to_one_file=True,
-        location=path.rsplit("/", 1)[-1] + ".data", size_threshold=1024,
-    )  # fmt: skip

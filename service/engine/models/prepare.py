@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from service.engine.models.gguf_source import GGUFSource
 from service.engine.models.gguf_tokenizer import GGUFTokenizerSpec, read_gguf_tokenizer, write_tokenizer_dir
-from service.engine.models.onnx_builder import Precision, build_llama_graph, save_model
+from service.engine.models.onnx_builder import Precision, build_decoder
 from service.errors import ModelError
 
 if TYPE_CHECKING:
@@ -119,18 +119,14 @@ def _build_into(
                 on_tensor(name)
             bar.update(1)
 
-        model = build_llama_graph(
-            config,
-            source.weights(),
+        build_decoder(
+            source,
+            work / MODEL_FILE,
             precision=precision,
             accuracy_level=accuracy_level,
             max_positions=context_length,
             on_tensor=step,
         )
-        bar.set_description(f"saving {precision} graph")
-        save_model(model, str(work / MODEL_FILE))
-    del model
-
     genai = genai_config(source, spec, context_length)
     _write_json(work / GENAI_CONFIG_NAME, genai)
     manifest = {
@@ -175,7 +171,7 @@ def genai_config(source: GGUFSource, spec: GGUFTokenizerSpec, context_length: in
             },
             "eos_token_id": eos,
             "pad_token_id": spec.pad_id if spec.pad_id is not None else eos,
-            "type": "llama",
+            "type": source.architecture.genai_type,
             "vocab_size": cfg.vocab_size,
         },
         "search": {

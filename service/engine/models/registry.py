@@ -49,8 +49,9 @@ class PreparedModel:
     # "genai": our GroupQueryAttention graph (input_ids, attention_mask, past_key_values.N.*);
     # "optimum": a transformers export that also takes position_ids.
     style: GraphStyle
-    context_length: int
+    context_length: int  # the model's own; what is served may be less (loader.served_context)
     chat: bool = True  # False: a base model without a chat template (see service.engine.tokenizer)
+    kv_bytes_per_token: int = 0  # float32 KV cache of one position, all layers (0: unknown)
 
 
 def parse_model_arg(text: str) -> ModelSpec:
@@ -128,13 +129,15 @@ def describe_dir(model_id: str, directory: Path) -> PreparedModel:
         missing.append("tokenizer.json")
     if model_file is None or missing:
         raise ModelError(f"model directory {directory} lacks {' and '.join(missing)}")
+    graph = _load_graph(model_file)
     return PreparedModel(
         id=model_id,
         directory=directory,
         model_file=model_file,
-        style=_graph_style(model_file),
+        style=_graph_style(model_file, graph),
         context_length=_context_length(directory),
         chat=_is_chat_model(directory),
+        kv_bytes_per_token=_kv_bytes_per_token(graph),
     )
 
 
@@ -155,11 +158,27 @@ def _onnx_file(directory: Path) -> Path | None:
     return found[0] if len(found) == 1 else None
 
 
-def _graph_style(model_file: Path) -> GraphStyle:
+def _load_graph(model_file: Path) -> onnx.GraphProto:
     try:
-        graph = onnx.load(str(model_file), load_external_data=False).graph
+        return onnx.load(str(model_file), load_external_data=False).graph
     except Exception as exc:  # onnx raises several unrelated types for a corrupt file
         raise ModelError(f"cannot read ONNX graph {model_file}: {exc}") from exc
+
+
+def _kv_bytes_per_token(graph: onnx.GraphProto) -> int:
+    """Sum over the past key/value inputs of kv_heads * head_dim * 4 bytes (0 when symbolic)."""
+    total = 0
+    for value in graph.input:
+        if not value.name.startswith("past_key_values."):
+            continue
+        dims = value.type.tensor_type.shape.dim
+        if len(dims) != 4 or not (dims[1].HasField("dim_value") and dims[3].HasField("dim_value")):
+            return 0
+        total += dims[1].dim_value * dims[3].dim_value * 4
+    return total
+
+
+def _graph_style(model_file: Path, graph: onnx.GraphProto) -> GraphStyle:
     inputs = {value.name for value in graph.input}
     lacking = {"input_ids", "attention_mask", "past_key_values.0.key"} - inputs
     if lacking:
