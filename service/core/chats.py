@@ -17,11 +17,12 @@ from typing import Any
 from uuid import UUID
 
 from service.config import ServerSettings
-from service.core.conversation import Conversation, chat_key, common_prefix, replayed
+from service.core.conversation import Conversation, chat_key, replayed
 from service.core.metrics import CancelCause, Metrics
 from service.core.registry import Replies
 from service.core.reply import Finisher, Reply
 from service.engine.engine import Engine, GenerationStream
+from service.engine.prefix_index import common_prefix
 from service.engine.tokenizer import ChatMessage
 from service.engine.types import FinishReason, GenerationResult, SamplingParams
 from service.errors import Busy, Draining, InvalidParams, NotFound, ServiceError, TooManyRequests

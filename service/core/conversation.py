@@ -65,11 +65,3 @@ def replayed(stored: Sequence[StoredMessage]) -> tuple[list[ChatMessage], list[i
         elif m.role == "assistant":
             ids += m.token_ids
     return messages, ids
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n

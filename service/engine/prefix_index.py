@@ -48,10 +48,10 @@ def prompt_hashes(prompt: Sequence[int]) -> list[int]:
     return block_hashes(prompt, len(prompt) // BLOCK)
 
 
-def common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
-    """Length of the common prefix of ``a`` and ``b``, at most ``limit``, by slice comparisons
+def common_prefix(a: Sequence[int], b: Sequence[int], limit: int | None = None) -> int:
+    """Length of the common prefix of ``a`` and ``b`` (at most ``limit``), by slice comparisons
     (C loops) rather than a Python loop per token."""
-    limit = min(limit, len(a), len(b))
+    limit = min(len(a), len(b)) if limit is None else min(limit, len(a), len(b))
     if a[:limit] == b[:limit]:
         return limit
     lo, hi = 0, limit  # a[:lo] == b[:lo], a[:hi] != b[:hi]
