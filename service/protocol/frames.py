@@ -2,7 +2,7 @@
 
 Client frames are what :func:`service.protocol.codec.parse_client_frame` returns, already
 checked for types; server frames are built by the functions below, which are the only
-place their field names are spelled. The contract is ``shared/PROTOCOL.md``; the JSON
+place their field names are spelled. The contract is ``docs/protocol.md``; the JSON
 Schemas in ``schema/`` describe the same frames.
 """
 
