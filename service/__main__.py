@@ -32,8 +32,8 @@ _LIMITS = (
 )
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m service", description=__doc__.split("\n\n")[0])
+def _parser(prog: str = "python -m service") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     net = parser.add_argument_group("server")
     net.add_argument("--host", default=_DEFAULTS.host, help="interface to listen on (default: %(default)s)")
     net.add_argument("--port", type=int, default=_DEFAULTS.port, help="(default: %(default)s)")
@@ -108,8 +108,8 @@ def settings_from_args(args: argparse.Namespace) -> ServiceSettings:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def main(argv: list[str] | None = None, *, prog: str = "python -m service") -> int:
+    args = _parser(prog).parse_args(argv)
     if args.command == "users":
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         return users_cli.main(args)
