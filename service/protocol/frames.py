@@ -15,6 +15,8 @@ from typing import Any, Literal, NotRequired, TypedDict, TypeVar, cast
 from service.protocol.errors import ErrorCode, FrameId
 
 PROTOCOL = "chat.v1"
+# params.max_tokens when neither `send` nor `open` gives it (docs/protocol.md).
+DEFAULT_MAX_TOKENS = 256
 
 # ---- client -> server ---------------------------------------------------------------
 
