@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import sys
+from typing import NoReturn
 
 from service import users_cli
 from service.app import run
@@ -123,5 +124,22 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m service") -> i
     return 0
 
 
+def main_and_exit(argv: list[str] | None = None, *, prog: str = "python -m service") -> NoReturn:
+    """:func:`main`, then leave at once, skipping the interpreter's teardown.
+
+    When ``stopped`` is logged, everything the service held has been released explicitly (the
+    port, connections, engines and their threads, the database pool, the embedded PostgreSQL), and
+    pgserver's exit hook is unregistered. What Python would still do is finalize its modules and
+    free the heap (numpy, onnx, onnxruntime, asyncpg, ...): measured at 0.45 s after ``stopped``
+    on an idle service here, none of it Python code, and seconds on a loaded machine. So the logs
+    and standard streams are flushed, and the process ends with ``os._exit``.
+    """
+    status = main(argv, prog=prog)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    main_and_exit()

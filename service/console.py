@@ -31,9 +31,9 @@ commands:
 
 
 def _serve(argv: list[str]) -> int:
-    from service.__main__ import main
+    from service.__main__ import main_and_exit
 
-    return main(argv, prog="localchat serve")
+    main_and_exit(argv, prog="localchat serve")
 
 
 def _users(argv: list[str]) -> int:
