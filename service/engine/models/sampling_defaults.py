@@ -1,0 +1,95 @@
+"""Each model's default sampling: what a generation uses for a field the client did not give.
+
+Where the defaults come from, first match wins, field by field:
+
+1. the GGUF's own metadata, ``general.sampling.*`` (``temp``, ``top_p``, ``top_k``,
+   ``penalty_repeat``: the keys gguf-py's ``Keys.General.SAMPLING_*`` name, written by model
+   publishers who state a recommended sampling);
+2. the model family's default below (:data:`FAMILY_DEFAULTS`), the family found in the GGUF's
+   ``general.basename`` / ``general.name`` or in the model's id;
+3. :data:`GENERIC`, which is :class:`~service.engine.types.SamplingParams`' own defaults.
+
+The SmolLM2 values were chosen by measurement (``bench/answers.py``, ``bench/results/answers.json``):
+at temperature 0.7 and no repetition penalty the 135M model rambles and loops; greedy with a
+repetition penalty of about 1.2 gives the most right answers and no loops on the committed question
+set. A change of these values should come with a new run of that benchmark.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, replace
+from typing import TYPE_CHECKING, Any, Final
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from pathlib import Path
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingDefaults:
+    temperature: float = 0.7
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    source: str = "generic"  # "gguf", "family:<name>" or "generic": where the values come from
+
+    def params(self) -> dict[str, float | int]:
+        """The defaults as ``SamplingParams`` keyword arguments."""
+        values = asdict(self)
+        del values["source"]
+        return values
+
+
+GENERIC: Final = SamplingDefaults()
+
+FAMILY_DEFAULTS: Final[dict[str, SamplingDefaults]] = {
+    # bench/results/answers.json: 135M parameters; sampled at 0.7 it rambles, greedy alone loops.
+    "smollm2": SamplingDefaults(temperature=0.0, repetition_penalty=1.2, source="family:smollm2"),
+}
+
+# general.sampling.<key> -> field; gguf-py: Keys.General.SAMPLING_TEMP, _TOP_P, _TOP_K, _PENALTY_REPEAT.
+GGUF_KEYS: Final[dict[str, str]] = {
+    "general.sampling.temp": "temperature",
+    "general.sampling.top_p": "top_p",
+    "general.sampling.top_k": "top_k",
+    "general.sampling.penalty_repeat": "repetition_penalty",
+}
+
+
+def family_of(*names: str | None) -> str | None:
+    """The known family that one of ``names`` (a GGUF's basename or name, a model id) belongs to."""
+    for name in names:
+        if not name:
+            continue
+        slug = re.sub(r"[^a-z0-9]", "", name.lower())
+        for family in FAMILY_DEFAULTS:
+            if slug.startswith(family):
+                return family
+    return None
+
+
+def for_family(*names: str | None) -> SamplingDefaults:
+    family = family_of(*names)
+    return FAMILY_DEFAULTS[family] if family is not None else GENERIC
+
+
+def from_metadata(metadata: Mapping[str, Any], model_id: str | None = None) -> SamplingDefaults:
+    """Defaults from GGUF metadata (``key -> value``), over the family's, over the generic ones."""
+    base = for_family(metadata.get("general.basename"), metadata.get("general.name"), model_id)
+    given: dict[str, Any] = {}
+    for key, field in GGUF_KEYS.items():
+        value = metadata.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            given[field] = int(value) if field == "top_k" else float(value)
+    return replace(base, **given, source="gguf") if given else base
+
+
+def from_gguf(path: Path, model_id: str | None = None) -> SamplingDefaults:
+    """Read the metadata :func:`from_metadata` needs from the GGUF file at ``path``."""
+    from gguf import GGUFReader  # the reader maps the file; only the header's fields are read
+
+    reader = GGUFReader(str(path))
+    wanted = ("general.basename", "general.name", *GGUF_KEYS)
+    metadata = {key: reader.fields[key].contents() for key in wanted if key in reader.fields}
+    return from_metadata(metadata, model_id)
