@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import gguf
 import pytest
 
-from service.engine.models.onnx_builder import Precision
-from service.engine.models.registry import parse_model_arg, resolve
+from service.engine.models.registry import PreparedModel, describe_dir
 from service.engine.models.sampling_defaults import (
     FAMILY_DEFAULTS,
     GENERIC,
@@ -77,18 +78,34 @@ def test_generic_defaults_are_the_engines_own() -> None:
         SamplingParams(**defaults.params()).validate()
 
 
-@pytest.mark.slow
-def test_the_default_model_gets_its_measured_defaults(tmp_path: Path, default_model: object) -> None:
-    """The real default model, resolved from a data directory as the service does: from its GGUF's
-    metadata (kept in the data directory), and the same once the GGUF has been cleared away."""
-    from tests.conftest import CACHE_DIR
+def test_preparation_records_the_defaults_and_a_start_reads_them(
+    tmp_path: Path, tiny_model: PreparedModel
+) -> None:
+    """The manifest of a prepared GGUF holds its defaults (the tiny model's name is no known
+    family: generic); what the manifest says is what the model gets, with no GGUF read at start."""
+    manifest_path = tiny_model.directory / "localchat.json"
+    manifest = json.loads(manifest_path.read_text())
+    assert SamplingDefaults.from_json(manifest["sampling"]) == GENERIC
+    assert tiny_model.sampling == GENERIC
 
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "models").symlink_to(CACHE_DIR / "models")
-    (data / "gguf").symlink_to(CACHE_DIR / "gguf")
-    with_gguf = resolve(parse_model_arg("default"), data, precision=Precision.INT8, progress=False)
-    assert with_gguf.sampling == FAMILY_DEFAULTS["smollm2"]
-    (data / "gguf").unlink()
-    without = resolve(parse_model_arg("default"), data, precision=Precision.INT8, progress=False)
-    assert without.sampling == FAMILY_DEFAULTS["smollm2"]
+    copy = tmp_path / "model"
+    shutil.copytree(tiny_model.directory, copy)
+    recorded = SamplingDefaults(temperature=0.4, top_k=40, repetition_penalty=1.1, source="gguf")
+    manifest["sampling"] = recorded.to_json()
+    (copy / "localchat.json").write_text(json.dumps(manifest))
+    assert describe_dir("any-name", copy).sampling == recorded
+
+    del manifest["sampling"]  # prepared by an older version: the family, by the model's id
+    (copy / "localchat.json").write_text(json.dumps(manifest))
+    assert describe_dir("smollm2-135m-instruct", copy).sampling == FAMILY_DEFAULTS["smollm2"]
+
+
+@pytest.mark.slow
+def test_the_default_model_gets_its_measured_defaults(default_model: PreparedModel) -> None:
+    assert default_model.sampling == FAMILY_DEFAULTS["smollm2"]
+    assert default_model.sampling.params() == {
+        "temperature": 0.0,
+        "top_p": 1.0,
+        "top_k": 0,
+        "repetition_penalty": 1.2,
+    }

@@ -8,15 +8,15 @@ import json
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import onnx
 
-from service.engine.models.default_model import ModelFetchError, default_gguf_path, fetch_default_gguf
+from service.engine.models.default_model import ModelFetchError, fetch_default_gguf
 from service.engine.models.prepare import BUILDER_VERSION, GENAI_CONFIG_NAME, prepare_gguf, read_manifest
-from service.engine.models.sampling_defaults import SamplingDefaults, for_family, from_gguf
+from service.engine.models.sampling_defaults import SamplingDefaults, for_family
 from service.errors import ModelError
 
 if TYPE_CHECKING:
@@ -82,19 +82,7 @@ def resolve(spec: ModelSpec, data_dir: Path, *, precision: Precision, progress: 
         return describe_dir(spec.id, _export_hub(spec.location, out))
     if read_manifest(out) is None:  # the manifest alone marks a complete build: no re-hashing
         prepare_gguf(_gguf_path(spec, data_dir), out, precision=precision, progress=progress)
-    return replace(describe_dir(spec.id, out), sampling=_sampling_of(spec, data_dir))
-
-
-def _sampling_of(spec: ModelSpec, data_dir: Path) -> SamplingDefaults:
-    """From the GGUF's metadata when the file is at hand (the default's is kept in the data
-    directory, but may have been cleared), else the family's defaults by the model's id."""
-    gguf = Path(spec.location) if spec.kind == "gguf" else default_gguf_path(data_dir)
-    if spec.kind in ("gguf", "default") and gguf.is_file():
-        try:
-            return from_gguf(gguf, spec.id)
-        except (OSError, ValueError) as exc:
-            raise ModelError(f"cannot read the metadata of {gguf}: {exc}") from exc
-    return for_family(spec.id)
+    return describe_dir(spec.id, out)
 
 
 def cache_dir_for(spec: ModelSpec, data_dir: Path, precision: Precision) -> Path:
@@ -137,8 +125,20 @@ def describe_dir(model_id: str, directory: Path) -> PreparedModel:
         model_file=model_file,
         style=_graph_style(model_file),
         context_length=_context_length(directory),
-        sampling=for_family(model_id, directory.name),
+        sampling=_sampling(model_id, directory),
     )
+
+
+def _sampling(model_id: str, directory: Path) -> SamplingDefaults:
+    """The defaults recorded at preparation (from the GGUF), else the family's by id."""
+    manifest = read_manifest(directory)
+    recorded = manifest.get("sampling") if manifest is not None else None
+    if isinstance(recorded, dict):
+        try:
+            return SamplingDefaults.from_json(recorded)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelError(f"bad sampling defaults in the manifest of {directory}: {exc!r}") from exc
+    return for_family(model_id, directory.name)
 
 
 def _onnx_file(directory: Path) -> Path | None:

@@ -1,6 +1,8 @@
 """Each model's default sampling: what a generation uses for a field the client did not give.
 
-Where the defaults come from, first match wins, field by field:
+Where the defaults come from, first match wins, field by field (read once, when a GGUF is
+prepared, and kept in the prepared directory's manifest; a directory without them, such as one
+prepared by an older version or an ONNX directory, gets its family's defaults by its id):
 
 1. the GGUF's own metadata, ``general.sampling.*`` (``temp``, ``top_p``, ``top_k``,
    ``penalty_repeat``: the keys gguf-py's ``Keys.General.SAMPLING_*`` name, written by model
@@ -35,6 +37,21 @@ class SamplingDefaults:
     top_k: int = 0
     repetition_penalty: float = 1.0
     source: str = "generic"  # "gguf", "family:<name>" or "generic": where the values come from
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> SamplingDefaults:
+        """The inverse of :meth:`to_json`; raises ``TypeError``/``ValueError`` for a bad record."""
+        defaults = cls(
+            temperature=float(data["temperature"]),
+            top_p=float(data["top_p"]),
+            top_k=int(data["top_k"]),
+            repetition_penalty=float(data["repetition_penalty"]),
+            source=str(data["source"]),
+        )
+        return defaults
 
     def params(self) -> dict[str, float | int]:
         """The defaults as ``SamplingParams`` keyword arguments."""
@@ -87,11 +104,16 @@ def from_metadata(metadata: Mapping[str, Any], model_id: str | None = None) -> S
     return replace(base, **given, source="gguf") if given else base
 
 
-def from_gguf(path: Path, model_id: str | None = None) -> SamplingDefaults:
-    """Read the metadata :func:`from_metadata` needs from the GGUF file at ``path``."""
-    from gguf import GGUFReader  # the reader maps the file; only the header's fields are read
-
-    reader = GGUFReader(str(path))
+def from_reader(reader: Any, model_id: str | None = None) -> SamplingDefaults:
+    """The defaults of the GGUF that ``reader`` (a ``gguf.GGUFReader``) has open."""
     wanted = ("general.basename", "general.name", *GGUF_KEYS)
     metadata = {key: reader.fields[key].contents() for key in wanted if key in reader.fields}
     return from_metadata(metadata, model_id)
+
+
+def from_gguf(path: Path, model_id: str | None = None) -> SamplingDefaults:
+    """Open the GGUF at ``path`` and read its defaults. Slow for a real model (the reader parses
+    the whole tokenizer, about 2 s): done once, at preparation, never at each start."""
+    from gguf import GGUFReader
+
+    return from_reader(GGUFReader(str(path)), model_id)
