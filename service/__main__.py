@@ -14,6 +14,7 @@ import asyncio
 import logging
 import os
 import sys
+from typing import NoReturn
 
 from service import models_cli, users_cli
 from service.app import run
@@ -36,8 +37,8 @@ _LIMITS = (
 )
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m service", description=__doc__.split("\n\n")[0])
+def _parser(prog: str = "python -m service") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     net = parser.add_argument_group("server")
     net.add_argument("--host", default=_DEFAULTS.host, help="interface to listen on (default: %(default)s)")
     net.add_argument("--port", type=int, default=_DEFAULTS.port, help="(default: %(default)s)")
@@ -144,8 +145,8 @@ def settings_from_args(args: argparse.Namespace) -> ServiceSettings:
     ).with_instance_name()
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def main(argv: list[str] | None = None, *, prog: str = "python -m service") -> int:
+    args = _parser(prog).parse_args(argv)
     if args.command == "users":
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         return users_cli.main(args)
@@ -166,5 +167,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def main_and_exit(argv: list[str] | None = None, *, prog: str = "python -m service") -> NoReturn:
+    """:func:`main`, then leave at once, skipping the interpreter's teardown.
+
+    When ``stopped`` is logged, everything the service held has been released explicitly (the
+    port, connections, engines and their threads, the database pool, the embedded PostgreSQL), and
+    pgserver's exit hook is unregistered. What Python would still do is finalize its modules and
+    free the heap (numpy, onnx, onnxruntime, asyncpg, ...): measured at 0.45 s after ``stopped``
+    on an idle service here, none of it Python code, and seconds on a loaded machine. So the logs
+    and standard streams are flushed, and the process ends with ``os._exit``.
+    """
+    status = main(argv, prog=prog)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    main_and_exit()

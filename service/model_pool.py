@@ -17,6 +17,7 @@ from service.engine.engine import Engine
 from service.engine.loader import load_engine, served_context
 from service.engine.models.onnx_builder import Precision
 from service.engine.models.registry import PreparedModel, parse_model_arg, resolve
+from service.engine.models.sampling_defaults import SamplingDefaults
 from service.errors import ModelError
 from service.protocol.frames import ModelBody
 
@@ -58,6 +59,11 @@ class ModelPool:
         await pool.engine(pool.default_id)
         return pool
 
+    def sampling_defaults(self, model_id: str) -> SamplingDefaults:
+        """What ``model_id`` samples with where a client gives no value (the model's own defaults)."""
+        entry = self._entries.get(model_id)
+        return entry.model.sampling if entry is not None else SamplingDefaults()
+
     def __contains__(self, model_id: str) -> bool:
         return model_id in self._entries
 
@@ -90,7 +96,12 @@ class ModelPool:
                 engine = await asyncio.to_thread(load_engine, entry.model, self._settings)
                 await engine.start()
                 log.info(
-                    "loaded model %s from %s on %s", model_id, entry.model.directory, engine.runner.device
+                    "loaded model %s from %s on %s; default sampling %s (%s)",
+                    model_id,
+                    entry.model.directory,
+                    engine.runner.device,
+                    entry.model.sampling.params(),
+                    entry.model.sampling.source,
                 )
                 entry.engine = engine
         return entry.engine

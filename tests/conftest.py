@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -106,26 +108,77 @@ def _start_cluster() -> None:
         time.sleep(0.05)
 
 
+# Who stops the cluster: the run that started it, once no other run uses it. Each run holds a shared
+# lock on _USERS_LOCK while it uses the cluster; the starter records the cluster's start time in
+# _STARTED_MARK. At the end a run that gets the lock exclusively (no other run of this suite holds it),
+# finds the mark naming the cluster still running, and sees no other client connected, stops it.
+# A cluster that was running before (no mark, or another start time) is never stopped.
+_USERS_LOCK = Path(tempfile.gettempdir()) / "localchat-test-postgres.lock"
+_STARTED_MARK = Path(tempfile.gettempdir()) / "localchat-test-postgres.started"
+_STATE_SQL = (
+    "SELECT pg_postmaster_start_time(), count(*) FILTER (WHERE backend_type = 'client backend' "
+    "AND pid <> pg_backend_pid()) FROM pg_stat_activity"
+)
+
+
+def _cluster_state() -> tuple[str, int] | None:
+    """(start time, other client connections) of the running cluster, or None when it is down."""
+    psql = _as_postgres("psql", "--no-psqlrc", "-qAt", "-F", "|", "-d", "postgres", "-c", _STATE_SQL)
+    result = subprocess.run(psql, cwd="/", capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        return None
+    started, _, others = result.stdout.strip().partition("|")
+    return started, int(others)
+
+
+def _stop_cluster_if_ours() -> None:
+    state = _cluster_state()
+    if state is None or not _STARTED_MARK.exists():
+        return
+    started, others = state
+    if _STARTED_MARK.read_text() != started or others:
+        return  # not the cluster a test run started, or someone still uses it
+    stop = ["pg_ctlcluster", PG_VERSION, "main", "stop"]
+    subprocess.run(stop if os.geteuid() == 0 else ["sudo", "-n", *stop], capture_output=True, check=False)
+    _STARTED_MARK.unlink(missing_ok=True)
+
+
 @pytest.fixture(scope="session")
-def postgres_admin_dsn() -> str:
+def postgres_admin_dsn() -> Iterator[str]:
     """A DSN (URI) of a PostgreSQL user that may CREATE DATABASE, for the whole session.
 
     ``$LOCALCHAT_TEST_DATABASE_URL`` when set; else the machine's PostgreSQL 15 cluster over TCP as
-    the ``localchat_test`` role, starting the cluster and creating the role first when needed.
+    the ``localchat_test`` role, starting the cluster and creating the role first when needed. A
+    cluster this run started is stopped after the last test (see ``_stop_cluster_if_ours``).
     """
     explicit = os.environ.get(TEST_DATABASE_ENV)
     if explicit:
-        return explicit
-    if not _tcp_open(PG_HOST, PG_PORT):
-        _start_cluster()
-    psql = _as_postgres(
-        "psql", "--no-psqlrc", "-q", "-v", "ON_ERROR_STOP=1", "-d", "postgres", "-c", _ENSURE_ROLE
-    )
-    # cwd: the postgres user may not be allowed into our working directory.
-    result = subprocess.run(psql, cwd="/", capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        pytest.fail(f"cannot create the {PG_TEST_ROLE} role: {result.stderr.strip()}", pytrace=False)
-    return f"postgresql://{PG_TEST_ROLE}:{PG_TEST_ROLE}@{PG_HOST}:{PG_PORT}/postgres"
+        yield explicit
+        return
+    with _USERS_LOCK.open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_SH)
+        if not _tcp_open(PG_HOST, PG_PORT):
+            _start_cluster()
+            state = _cluster_state()
+            if state is not None:
+                _STARTED_MARK.write_text(state[0])
+        psql = _as_postgres(
+            "psql", "--no-psqlrc", "-q", "-v", "ON_ERROR_STOP=1", "-d", "postgres", "-c", _ENSURE_ROLE
+        )
+        # cwd: the postgres user may not be allowed into our working directory.
+        result = subprocess.run(psql, cwd="/", capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            pytest.fail(f"cannot create the {PG_TEST_ROLE} role: {result.stderr.strip()}", pytrace=False)
+        try:
+            yield f"postgresql://{PG_TEST_ROLE}:{PG_TEST_ROLE}@{PG_HOST}:{PG_PORT}/postgres"
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pass  # another run still uses the cluster: the last one out stops it
+            else:
+                _stop_cluster_if_ours()
 
 
 @pytest.fixture

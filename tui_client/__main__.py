@@ -8,8 +8,8 @@ from tui_client import oneshot
 from tui_client.settings import from_args, parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+def main(argv: list[str] | None = None, *, prog: str = "python -m tui_client") -> int:
+    args = parser(prog).parse_args(argv)
     settings = from_args(args)
     prompt = args.prompt
     if prompt is None and not sys.stdin.isatty():

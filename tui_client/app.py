@@ -43,6 +43,7 @@ from tui_client.screens import (
     ModelScreen,
     PastChatsScreen,
     RenameScreen,
+    SettingsDefaults,
     SettingsResult,
     SettingsScreen,
     Updated,
@@ -93,6 +94,7 @@ class ChatApp(App[None]):
         self.client.on_event = self._post_event
         self.connect = connect
         self.models: list[frames.ModelBody] = []
+        self.limits: frames.Limits | None = None  # from welcome
         self.default_model = self.settings.model
         self.panes: dict[str, ChatPane] = {}
         self._sessions = (f"s{n}" for n in itertools.count(1))
@@ -150,6 +152,11 @@ class ChatApp(App[None]):
     async def new_chat(self, *, model: str | None = None, title: str | None = None) -> ChatPane:
         session = next(self._sessions)
         pane = ChatPane(self.client, session, model=model or self.default_model, title=title)
+        # --temperature / --max-tokens are every new chat's settings until Ctrl+T changes them.
+        pane.settings.temperature, pane.settings.max_tokens = (
+            self.settings.temperature,
+            self.settings.max_tokens,
+        )
         self.panes[session] = pane
         await self.query_one("#panes", ContentSwitcher).mount(pane)
         await self.query_one("#chat-list", ListView).append(
@@ -232,6 +239,7 @@ class ChatApp(App[None]):
             self.connection_state = "connected"
             self._banner(None)
             self.models = event.welcome["models"]
+            self.limits = event.welcome["limits"]
             if event.restored:
                 self.notify("Reconnected.")
         elif isinstance(event, Disconnected):
@@ -336,7 +344,15 @@ class ChatApp(App[None]):
                 pane.settings.temperature, pane.settings.max_tokens = result.temperature, result.max_tokens
                 self.notify("Chat settings saved: they apply from the next prompt.")
 
-        self.push_screen(SettingsScreen(pane.settings.temperature, pane.settings.max_tokens), saved)
+        defaults = SettingsDefaults(
+            model=pane.model or self._default_model_id(),
+            max_tokens=frames.DEFAULT_MAX_TOKENS,
+            max_tokens_limit=self.limits["max_tokens"] if self.limits is not None else None,
+        )
+        self.push_screen(SettingsScreen(pane.settings.temperature, pane.settings.max_tokens, defaults), saved)
+
+    def _default_model_id(self) -> str | None:
+        return next((m["id"] for m in self.models if m["default"]), None)
 
     def action_past_chats(self) -> None:
         async def chosen(chat: frames.ChatSummaryBody | None) -> None:

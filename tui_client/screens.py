@@ -103,30 +103,61 @@ class SettingsResult:
     max_tokens: int | None
 
 
+@dataclass(frozen=True, slots=True)
+class SettingsDefaults:
+    """What the service uses for a field the chat leaves empty, as far as the client can know it:
+    ``max_tokens`` is the contract's default (``max_tokens_limit`` the service's cap, from
+    ``welcome``); the temperature default belongs to the model on the service, which ``chat.v1``
+    does not report, so the dialog names the model whose default applies."""
+
+    model: str | None
+    max_tokens: int
+    max_tokens_limit: int | None
+
+
 class SettingsScreen(ModalScreen[SettingsResult | None]):
-    """Temperature and max tokens of one chat; empty = the default."""
+    """Temperature and max tokens of one chat; empty = the service's default, shown in the field."""
 
     BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "cancel", "Cancel")]
 
-    def __init__(self, temperature: float | None, max_tokens: int | None) -> None:
+    def __init__(
+        self, temperature: float | None, max_tokens: int | None, defaults: SettingsDefaults | None = None
+    ) -> None:
         super().__init__()
         self.temperature = temperature
         self.max_tokens = max_tokens
+        self.defaults = defaults or SettingsDefaults(model=None, max_tokens=256, max_tokens_limit=None)
 
     def compose(self) -> ComposeResult:
+        model = f"{self.defaults.model}'s" if self.defaults.model else "the model's"
+        cap = self.defaults.max_tokens_limit
         with Vertical(classes="dialog settings"):
             yield Label("Chat settings", classes="dialog-title")
-            yield Label("Temperature (0 = greedy, empty = default)")
+            yield Label("Temperature (0 = greedy; empty = the default)")
             yield Input(
-                "" if self.temperature is None else str(self.temperature), id="temperature", type="number"
+                "" if self.temperature is None else str(self.temperature),
+                id="temperature",
+                type="number",
+                placeholder=f"default: {model} own, set by the service",
             )
-            yield Label("Max tokens (empty = default)")
+            yield Label("Max tokens (empty = the default)" + (f"; at most {cap}" if cap else ""))
             yield Input(
-                "" if self.max_tokens is None else str(self.max_tokens), id="max_tokens", type="integer"
+                "" if self.max_tokens is None else str(self.max_tokens),
+                id="max_tokens",
+                type="integer",
+                placeholder=f"default: {self.defaults.max_tokens}",
             )
+            yield Label(self._in_force(), id="in-force", classes="hint")
             with Horizontal(classes="dialog-buttons"):
                 yield Button("Save", variant="primary", id="save")
                 yield Button("Cancel", id="cancel")
+
+    def _in_force(self) -> str:
+        temperature = (
+            f"temperature {self.temperature:g}" if self.temperature is not None else "the model's temperature"
+        )
+        tokens = self.max_tokens if self.max_tokens is not None else self.defaults.max_tokens
+        return f"In force: {temperature}, up to {tokens} tokens per reply."
 
     def _result(self) -> SettingsResult | None:
         temperature = self.query_one("#temperature", Input).value.strip()

@@ -26,9 +26,9 @@ class ClientSettings:
         return frames.Params(temperature=self.temperature, max_tokens=self.max_tokens)
 
 
-def parser() -> argparse.ArgumentParser:
+def parser(prog: str = "python -m tui_client") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m tui_client",
+        prog=prog,
         description="The localchat terminal client. With --prompt (or a prompt piped on stdin) it "
         "prints one reply to stdout and exits; otherwise it opens the full-screen app.",
     )

@@ -63,14 +63,16 @@ class ReplyStatus:
         return self.phase in ("sending", "queued", "generating", "waiting")
 
     def line(self) -> str:
+        """The status line. A stopped or failed reply carries that word as its own note, right
+        above this line, so here the chat is just ``ready`` again (with the last reply's numbers)."""
         head = {
             "idle": "ready",
             "sending": "sending…",
             "queued": f"queued (#{self.queue_position})",
             "generating": "generating",
             "done": f"done ({self.reason})" if self.reason == "length" else "done",
-            "stopped": "stopped",
-            "failed": "failed",
+            "stopped": "ready",
+            "failed": "ready",
             "waiting": "connection lost: waiting to reattach",
         }[self.phase]
         if self.phase in ("idle", "sending"):

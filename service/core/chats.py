@@ -106,12 +106,17 @@ class ChatCore:
             return None
         return await self.store.user_for_token(token)
 
-    def sampling(self, given: Mapping[str, Any]) -> SamplingParams:
-        """Validated sampling parameters with the server's defaults; raises ``InvalidParams``."""
+    def sampling(self, given: Mapping[str, Any], model_id: str | None = None) -> SamplingParams:
+        """Validated sampling parameters; a field left out takes the model's default
+        (``model_id``'s, from its GGUF or its family), else the server's. Raises
+        ``InvalidParams``."""
         values = dict(given)
         if "stop" in values:
             values["stop"] = tuple(values["stop"])
         values.setdefault("max_tokens", self.settings.default_max_tokens)
+        if model_id is not None:
+            for name, value in self.models.sampling_defaults(model_id).params().items():
+                values.setdefault(name, value)
         try:
             sampling = SamplingParams(**values)
         except TypeError as exc:
@@ -175,7 +180,7 @@ class ChatCore:
         conversation.fold_finished()
         if conversation.generating:
             raise Busy("this session is already generating")
-        sampling = self.sampling(params.over(conversation.params).given())
+        sampling = self.sampling(params.over(conversation.params).given(), conversation.model_id)
         self._admitting()
         engine = conversation.engine
         messages = [*conversation.messages, ChatMessage(role="user", content=text)]

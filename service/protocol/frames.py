@@ -2,7 +2,7 @@
 
 Client frames are what :func:`service.protocol.codec.parse_client_frame` returns, already
 checked for types; server frames are built by the functions below, which are the only
-place their field names are spelled. The contract is ``shared/PROTOCOL.md``; the JSON
+place their field names are spelled. The contract is ``docs/protocol.md``; the JSON
 Schemas in ``schema/`` describe the same frames.
 """
 
@@ -15,6 +15,8 @@ from typing import Any, Literal, NotRequired, TypedDict, TypeVar, cast
 from service.protocol.errors import ErrorCode, FrameId
 
 PROTOCOL = "chat.v1"
+# params.max_tokens when neither `send` nor `open` gives it (docs/protocol.md).
+DEFAULT_MAX_TOKENS = 256
 
 # ---- client -> server ---------------------------------------------------------------
 

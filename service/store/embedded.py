@@ -16,6 +16,9 @@ when that path is too long for a socket). Its traps, and what this module does a
   folder and run the server, and makes **every parent folder of the data folder** readable and
   traversable by everyone (``chmod g+rx,o+rx`` up to ``/``), so don't put the data folder under
   a home directory you want private (e.g. ``/root``).
+- **Chatter.** pgserver logs every command it runs, with its whole output, at INFO (37 of 42
+  lines of a restart's log). Its records below WARNING are passed on at DEBUG under this module's
+  logger (``--log-level DEBUG`` shows them); its warnings and errors keep their level.
 - **Warnings.** Importing pgserver reads the runtime folder, which warns (``RuntimeDirWarning``)
   when ``XDG_RUNTIME_DIR`` is unset; that one warning is suppressed around the import.
 
@@ -104,6 +107,22 @@ class EmbeddedPostgres:
             if time.monotonic() > deadline:
                 raise StoreError(f"embedded PostgreSQL (pid {self.pid}) still running {wait_s} s after stop")
             time.sleep(0.01)
+
+
+class _DemoteChatter(logging.Filter):
+    """Drop pgserver's records below WARNING, re-logging them at DEBUG under our logger."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING:
+            return True
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("pgserver: %s", record.getMessage())
+        return False
+
+
+_PGSERVER_LOGGER: Final = logging.getLogger("pgserver")
+if not any(isinstance(f, _DemoteChatter) for f in _PGSERVER_LOGGER.filters):
+    _PGSERVER_LOGGER.addFilter(_DemoteChatter())
 
 
 def _import_pgserver() -> ModuleType:

@@ -246,6 +246,7 @@ async function openChat(chatId) {
   const blank = sessions.get(active);
   if (blank && !blank.chat && !blank.reply && !blank.log.hasChildNodes()) closeSession(blank.id);
   const s = newSession({ chat: chatId, title: null });
+  renderPast();
   try {
     const opened = await conn.request({ type: "open", session: s.id, chat: chatId });
     if (opened.type !== "opened") throw new Error(opened.message || opened.code);
@@ -257,6 +258,7 @@ async function openChat(chatId) {
   } catch (err) {
     s.log.replaceChildren(el("p", { class: "note", text: `Could not open the chat: ${err.message}` }));
     s.chat = null;
+    renderPast();
   }
 }
 
@@ -272,6 +274,8 @@ async function deleteChat(chatId) {
 // --- past chats ---------------------------------------------------------------------------------
 
 const pastTitles = new Map();
+// The last `chats` reply; null until the first one arrives (the list shows "Loading…" meanwhile).
+let pastChats = null;
 
 async function refreshChats() {
   if (!conn.ready) return;
@@ -282,32 +286,49 @@ async function refreshChats() {
     return;
   }
   if (reply.type !== "chats") return;
+  pastChats = reply.chats;
   pastTitles.clear();
-  const items = reply.chats.map((c) => {
-    pastTitles.set(c.chat, c.title);
-    const label = chatLabel(c.title, "Untitled chat");
-    const when = c.updated_at ? new Date(c.updated_at).toLocaleString() : "";
-    return el(
-      "li",
-      { class: "past-item", "data-chat": c.chat },
-      el(
-        "button",
-        { class: "past-open", type: "button", title: `${c.model} · ${when}`, onclick: () => openChat(c.chat) },
-        el("span", { class: "past-title", text: label }),
-        el("span", { class: "past-meta", text: `${c.messages} msgs · ${when}` }),
-      ),
-      el("button", {
-        class: "past-delete",
-        type: "button",
-        text: "Delete",
-        "aria-label": `Delete ${label}`,
-        onclick: () => {
-          if (confirm(`Delete "${label}" and all its messages? This cannot be undone.`)) deleteChat(c.chat);
-        },
-      }),
-    );
-  });
+  for (const c of pastChats) pastTitles.set(c.chat, c.title);
+  renderPast();
+}
+
+// Past chats are the saved chats that are not open: an open chat is listed once, under "Open chats".
+function renderPast() {
+  if (pastChats === null) {
+    dom.past.setAttribute("aria-busy", "true");
+    dom.pastEmpty.textContent = "Loading past chats…";
+    dom.pastEmpty.hidden = false;
+    return;
+  }
+  const open = new Set([...sessions.values()].map((s) => s.chat).filter(Boolean));
+  const items = pastChats
+    .filter((c) => !open.has(c.chat))
+    .map((c) => {
+      const label = chatLabel(c.title, "Untitled chat");
+      const when = c.updated_at ? new Date(c.updated_at).toLocaleString() : "";
+      return el(
+        "li",
+        { class: "past-item", "data-chat": c.chat },
+        el(
+          "button",
+          { class: "past-open", type: "button", title: `${c.model} · ${when}`, onclick: () => openChat(c.chat) },
+          el("span", { class: "past-title", text: label }),
+          el("span", { class: "past-meta", text: `${c.messages} msgs · ${when}` }),
+        ),
+        el("button", {
+          class: "past-delete",
+          type: "button",
+          text: "Delete",
+          "aria-label": `Delete ${label}`,
+          onclick: () => {
+            if (confirm(`Delete "${label}" and all its messages? This cannot be undone.`)) deleteChat(c.chat);
+          },
+        }),
+      );
+    });
   dom.past.replaceChildren(...items);
+  dom.past.setAttribute("aria-busy", "false");
+  dom.pastEmpty.textContent = pastChats.length ? "Every saved chat is open." : "No saved chats yet.";
   dom.pastEmpty.hidden = items.length > 0;
 }
 

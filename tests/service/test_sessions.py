@@ -8,9 +8,14 @@ import shutil
 import uuid
 from pathlib import Path
 
+import pytest
+
 from service.app import running_service
 from service.config import ServiceSettings
+from service.engine.engine import GenerationStream
 from service.engine.models.registry import PreparedModel
+from service.engine.models.sampling_defaults import SamplingDefaults
+from service.engine.types import ChatKey, SamplingParams
 from service.server import ChatServer
 from tests.engine_gate import GateFactory
 from tests.service.client import Client, Frame, Reply
@@ -403,3 +408,28 @@ async def test_a_failing_model_run_ends_that_generation_not_the_server(
     assert (await stored_messages(client, chat))[-1]["status"] == "error"
     again = await client.chat("s", "hello again", **GREEDY, max_tokens=5)
     assert again.done["reason"] in ("stop", "length")
+
+
+async def test_fields_a_client_leaves_out_take_the_models_sampling_defaults(
+    client: Client, server: ChatServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No params: the model's defaults; params on open or send override them field by field."""
+    model_defaults = SamplingDefaults(temperature=0.0, top_k=7, repetition_penalty=1.25, source="test")
+    monkeypatch.setattr(server.models, "sampling_defaults", lambda model_id: model_defaults)
+    engine = await server.models.engine(server.models.default_id)
+    seen: list[SamplingParams] = []
+    submit = engine.submit
+
+    def recording(chat: ChatKey, prompt: list[int], params: SamplingParams) -> GenerationStream:
+        seen.append(params)
+        return submit(chat, prompt, params)
+
+    monkeypatch.setattr(engine, "submit", recording)
+    await client.open("a")
+    await client.finish("a", await client.start("a", "Hello", max_tokens=2))
+    await client.finish("a", await client.start("a", "Again", temperature=0.5, max_tokens=2))
+    await client.open("b", params={"repetition_penalty": 1.0})
+    await client.finish("b", await client.start("b", "Hi", max_tokens=2))
+
+    got = [(p.temperature, p.top_k, p.repetition_penalty) for p in seen]
+    assert got == [(0.0, 7, 1.25), (0.5, 7, 1.25), (0.0, 7, 1.0)]

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import sys
 import uuid
 from pathlib import Path
+
+import pytest
 
 from service.store import Store
 from service.store.embedded import EmbeddedPostgres
@@ -98,3 +101,20 @@ async def test_a_server_orphaned_by_a_killed_process_is_adopted_and_stopped(tmp_
     finally:
         await asyncio.to_thread(adopted.stop)
     assert _processes_using(adopted.pgdata) == []
+
+
+async def test_pgserver_chatter_is_logged_at_debug_only(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """pgserver's own INFO lines (each command it runs) never reach INFO; at DEBUG they are ours."""
+    caplog.set_level(logging.DEBUG)
+    embedded = await asyncio.to_thread(EmbeddedPostgres.start, tmp_path / "data")
+    await asyncio.to_thread(embedded.stop)
+    chatter = [r for r in caplog.records if r.name == "pgserver" and r.levelno < logging.WARNING]
+    assert chatter == []
+    demoted = [r for r in caplog.records if r.getMessage().startswith("pgserver: ")]
+    assert demoted, "pgserver said nothing at all: the filter would be untested"
+    assert {r.levelno for r in demoted} == {logging.DEBUG}
+    assert {r.name for r in demoted} == {"service.store.embedded"}
+    ours = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert any("embedded PostgreSQL (pid" in m for m in ours), ours

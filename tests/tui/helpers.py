@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import pytest
 from textual.pilot import Pilot
 
 from service.protocol import frames
 from service.server import ChatServer
-from tests.engine_gate import EngineGate
 from tests.service.client import TIMEOUT_S, Client
 from tests.service.conftest import ws_url
 from tui_client.app import ChatApp
@@ -23,16 +21,13 @@ SHORT = {"temperature": 0.0, "max_tokens": 8}
 SIZE = (110, 36)
 
 
-def gate_engine(monkeypatch: pytest.MonkeyPatch, server: ChatServer, step_s: float = 0.0) -> EngineGate:
-    gate = EngineGate(step_s)
-    gate.install(server, monkeypatch)
-    return gate
-
-
-def live_app(server: ChatServer) -> tuple[ChatApp, list[ClientEvent]]:
+def live_app(
+    server: ChatServer, *, temperature: float | None = None, max_tokens: int | None = None
+) -> tuple[ChatApp, list[ClientEvent]]:
     """An app connected to ``server`` (fast reconnects), and the log of its client's events."""
     client = ChatClient(ws_url(server), backoff=FAST_BACKOFF)
-    app = ChatApp(ClientSettings(url=ws_url(server)), client=client)
+    settings = ClientSettings(url=ws_url(server), temperature=temperature, max_tokens=max_tokens)
+    app = ChatApp(settings, client=client)
     events: list[ClientEvent] = []
     post = client.on_event
 

