@@ -420,9 +420,11 @@ async def test_fields_a_client_leaves_out_take_the_models_sampling_defaults(
     seen: list[SamplingParams] = []
     submit = engine.submit
 
-    def recording(chat: ChatKey, prompt: list[int], params: SamplingParams) -> GenerationStream:
+    def recording(
+        chat: ChatKey, prompt: list[int], params: SamplingParams, *, turn_stops: tuple[str, ...] = ()
+    ) -> GenerationStream:
         seen.append(params)
-        return submit(chat, prompt, params)
+        return submit(chat, prompt, params, turn_stops=turn_stops)
 
     monkeypatch.setattr(engine, "submit", recording)
     await client.open("a")
