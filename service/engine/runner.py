@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import mmap
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -67,6 +68,11 @@ def _shape_from_graph(session: ort.InferenceSession) -> ModelShape:
     return ModelShape(layers, int(kv_heads), int(head_dim), int(vocab))
 
 
+# Python < 3.13's mmap module lacks the constant; without it a mapping larger than RAM is refused
+# (gemma3-270m's 32k context x 32 slots asks for 39 GB on a 24 GiB machine). Linux's value.
+_MAP_NORESERVE: int = getattr(mmap, "MAP_NORESERVE", 0x4000 if sys.platform == "linux" else 0)
+
+
 class _HostPool:
     """KV memory for every layer in one anonymous mapping, committed lazily."""
 
@@ -78,7 +84,7 @@ class _HostPool:
         tensors = shape.num_layers * 2
         # NORESERVE: the mapping is sized for every slot at full context, far more than is ever
         # written; the kernel must not refuse it for the size alone (overcommit heuristics).
-        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE
         self.map = mmap.mmap(-1, self.tensor_bytes * tensors, flags=flags)
         flat = np.frombuffer(self.map, dtype=np.float32)
         self.arrays = [

@@ -294,6 +294,13 @@ class ChatTokenizer:
         """Token ids of ``text``; special tokens written in it are recognised, none are added."""
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
+    def encode_document(self, text: str) -> list[int]:
+        """Token ids of ``text`` as the start of a document: ``encode`` plus the special tokens
+        the model's tokenizer adds (a BOS first where the model expects one), as transformers'
+        ``tokenizer(text)`` and other servers' raw completion routes give. Without its BOS a
+        model like Gemma 3 produces nonsense."""
+        return self.tokenizer.encode(text, add_special_tokens=True).ids
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 

@@ -170,17 +170,18 @@ async def test_stop_strings_end_the_text_before_them(server: ChatServer, api: As
 
 
 async def test_completions_take_a_raw_prompt_or_token_ids(server: ChatServer, api: AsyncOpenAI) -> None:
-    """``/v1/completions`` continues a raw prompt with no template; its token ids give the same text."""
+    """``/v1/completions`` continues a raw prompt with no template (encoded as a document: the
+    model's BOS, if it takes one, first); its token ids give the same text."""
     prompt = "The lighthouse keeper said"
     (engine,) = server.models.loaded()
     by_text = await api.completions.create(model=model_id(server), prompt=prompt, **GREEDY)
     by_ids = await api.completions.create(
-        model=model_id(server), prompt=engine.tokenizer.encode(prompt), **GREEDY
+        model=model_id(server), prompt=engine.tokenizer.encode_document(prompt), **GREEDY
     )
     assert by_text.object == "text_completion"
     assert by_text.choices[0].text == by_ids.choices[0].text
     assert by_text.usage is not None
-    assert by_text.usage.prompt_tokens == len(engine.tokenizer.encode(prompt))
+    assert by_text.usage.prompt_tokens == len(engine.tokenizer.encode_document(prompt))
     streamed = await api.completions.create(model=model_id(server), prompt=prompt, stream=True, **GREEDY)
     assert "".join([c.choices[0].text async for c in streamed if c.choices]) == by_text.choices[0].text
 

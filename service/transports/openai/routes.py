@@ -169,7 +169,7 @@ class OpenAIApi:
         req = completion_request(await self._body(request), self.settings.max_sessions)
         model, engine = await self._engine(req.model)
         if isinstance(req.prompt, str):
-            prompt = engine.tokenizer.encode(req.prompt)
+            prompt = engine.tokenizer.encode_document(req.prompt)
         else:
             if max(req.prompt) >= engine.tokenizer.vocab_size:
                 raise bad_request(f"token ids must be below {engine.tokenizer.vocab_size}", "prompt")
