@@ -211,7 +211,7 @@ async def test_past_chats_load_visibly_and_never_list_an_open_chat(
         browser_side.on_message(service_side.send)
 
     async def setup(page: Page) -> None:
-        await page.route_web_socket(re.compile(r"/ws$"), hold_chats_reply)
+        await page.route_web_socket(re.compile(r"/ws(\?.*)?$"), hold_chats_reply)
 
     page = await new_page(server, setup=setup)
     past, hint = page.locator("#past .past-item"), page.locator("#past-empty")
