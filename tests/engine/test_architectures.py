@@ -121,7 +121,9 @@ def test_unsupported_file_fails_at_open_with_one_line(
 
 
 def _prepared(context: int, kv_bytes_per_token: int) -> PreparedModel:
-    return PreparedModel("m", Path("."), Path("m.onnx"), "genai", context, kv_bytes_per_token)
+    return PreparedModel(
+        "m", Path("."), Path("m.onnx"), "genai", context, kv_bytes_per_token=kv_bytes_per_token
+    )
 
 
 def test_served_context_is_capped_by_the_kv_budget() -> None:

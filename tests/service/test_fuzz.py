@@ -80,7 +80,7 @@ MIN_FRAMES = 10_000
 # asked for, so a failure reports the failing example as found.
 SHRINK = os.environ.get("LOCALCHAT_FUZZ_SHRINK") == "1"
 FUZZ_SETTINGS = settings(
-    max_examples=110,
+    max_examples=125,  # about 90 frames each: 10,000+ with a margin (the count depends on the answers)
     phases=[Phase.explicit, Phase.generate, *([Phase.shrink] if SHRINK else [])],
     stateful_step_count=40,
     derandomize=True,  # the same frames on every run
