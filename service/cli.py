@@ -29,7 +29,14 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, several: bool = Fals
         )
     else:
         group.add_argument("--model", default="default", help=what)
-    group.add_argument("--precision", choices=[p.value for p in Precision], default=Precision.INT8.value)
+    group.add_argument(
+        "--precision",
+        choices=[p.value for p in Precision],
+        default=Precision.INT8.value,
+        help="how a GGUF's weights are built: int8 (default) re-quantizes every weight to 8 bits; "
+        "native computes with the file's own quantized values (its float tensors at int8); int4 "
+        "re-quantizes to 4 bits (meant for F16 files); fp32 dequantizes",
+    )
     group.add_argument(
         "--data-dir",
         type=Path,

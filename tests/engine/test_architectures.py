@@ -11,6 +11,7 @@ import dataclasses
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
 from service.cli import add_engine_arguments, engine_settings
@@ -18,7 +19,7 @@ from service.config import EngineSettings
 from service.engine.loader import FALLBACK_CONTEXT, served_context
 from service.engine.models.__main__ import main
 from service.engine.models.gguf_source import GGUFSource
-from service.engine.models.onnx_builder import Precision, build_decoder
+from service.engine.models.onnx_builder import MS_DOMAIN, Precision, build_decoder
 from service.engine.models.registry import PreparedModel
 from service.engine.runner import Runner
 from service.errors import ModelError
@@ -58,8 +59,28 @@ def test_quantized_builds_follow_the_fp32_build(source: GGUFSource, tmp_path: Pa
         top1[precision] = _teacher_forced_top1(model_file, PROMPT)
     int8 = float(np.mean(top1[Precision.INT8] == top1[Precision.FP32]))
     int4 = float(np.mean(top1[Precision.INT4] == top1[Precision.FP32]))
-    print(f"\n{source.config.architecture}: int8 {int8:.0%}, int4 {int4:.0%} of fp32's top-1")
+    native = float(np.mean(top1[Precision.NATIVE] == top1[Precision.FP32]))
+    arch = source.config.architecture
+    print(f"\n{arch}: int8 {int8:.0%}, int4 {int4:.0%}, native {native:.0%} of fp32's top-1")
     assert int8 >= MIN_INT8_AGREEMENT
+    assert native >= MIN_INT8_AGREEMENT  # Q8_0 attention in its own bits, F16 MLP at int8
+
+
+def test_native_build_in_fp32_is_the_file(source: GGUFSource, smollm2_gguf: Path, tmp_path: Path) -> None:
+    """Every matrix Q8_0: the native build computed in fp32 (accuracy level 1) holds every linear
+    layer in the file's own bits (fused q/k/v and gate/up included) and predicts as fp32 does."""
+    spec = TINY_ARCHS[source.config.architecture]
+    path = write_tiny_arch_gguf(tmp_path / "q8.gguf", smollm2_gguf, spec, QType.Q8_0, QType.Q8_0)
+    q8 = GGUFSource(path)
+    top1: dict[Precision, np.ndarray] = {}
+    for precision, level in ((Precision.FP32, 0), (Precision.NATIVE, 1)):
+        model_file = tmp_path / str(precision) / "model.onnx"
+        model_file.parent.mkdir()
+        build_decoder(q8, model_file, precision=precision, accuracy_level=level, max_positions=len(PROMPT))
+        top1[precision] = _teacher_forced_top1(model_file, PROMPT)
+    graph = onnx.load(str(tmp_path / "native" / "model.onnx"), load_external_data=False).graph
+    assert all(node.domain == MS_DOMAIN for node in graph.node if "MatMul" in node.op_type)
+    assert float(np.mean(top1[Precision.NATIVE] == top1[Precision.FP32])) >= 0.98
 
 
 def test_build_reads_each_tensor_once_in_order(source: GGUFSource, tmp_path: Path) -> None:

@@ -102,6 +102,19 @@ def test_cli_prints_the_prepared_directory(
     assert capsys.readouterr().out.strip() == str(tiny_prepared.directory)
 
 
+def test_cli_builds_native_when_asked(
+    tiny_gguf: Path, data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["prepare", "--model", str(tiny_gguf), "--data-dir", str(data_dir), "--precision", "native"]
+    assert main([*args, "--quiet"]) == 0
+    directory = Path(capsys.readouterr().out.strip())
+    assert "-native-v" in directory.name
+    manifest = json.loads((directory / "localchat.json").read_text())
+    assert (manifest["precision"], manifest["accuracy_level"]) == ("native", 4)
+    graph = onnx.load(str(directory / "model.onnx"), load_external_data=False).graph
+    assert any(node.op_type == "MatMulNBits" for node in graph.node)
+
+
 def test_cli_reports_model_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["prepare", "--model", str(tmp_path / "absent.gguf"), "--data-dir", str(tmp_path)])
     assert code == 1

@@ -1,6 +1,8 @@
 """Our ONNX builds of the default model against transformers reading the same GGUF.
 
 * fp32: greedy decoding through our runner gives exactly transformers' tokens.
+* native (the file's own bits) computed in fp32 (accuracy level 1): the same as fp32
+  (>= 99 % teacher-forced, transformers' greedy tokens); as built (level 4): >= 92 %;
 * int8: teacher-forced top-1 predictions agree with fp32 on >= 95 % of positions of
   natural text (int4's agreement is printed for information; see with ``-s``).
 
@@ -18,6 +20,7 @@ import numpy.typing as npt
 import pytest
 
 from service.engine.models.onnx_builder import Precision
+from service.engine.models.prepare import prepare_gguf
 from service.engine.models.registry import PreparedModel, parse_model_arg, resolve
 from service.engine.runner import Runner
 from service.engine.tokenizer import ChatMessage, ChatTokenizer
@@ -33,6 +36,7 @@ pytestmark = pytest.mark.fidelity
 
 GREEDY_TOKENS = 32
 MIN_INT8_AGREEMENT = 0.95
+MIN_NATIVE_AGREEMENT = 0.92
 
 GREEDY_CHATS: tuple[list[ChatMessage], ...] = (
     [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
@@ -170,3 +174,39 @@ def test_int4_agreement_is_reported(
     """For information only: int4 loses more, and no threshold is promised for it."""
     agreement = _agreement(int4_model, prose_ids, fp32_top1, "int4")
     assert 0.0 <= agreement <= 1.0
+
+
+@pytest.fixture(scope="session")
+def native_model() -> PreparedModel:
+    """The native build as served: the file's own bits at accuracy level 4 (int8 activations)."""
+    return _prepare(Precision.NATIVE)
+
+
+@pytest.fixture(scope="session")
+def native_exact_model(tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: Path) -> PreparedModel:
+    """The file's own bits computed in fp32 (accuracy level 1): only float rounding differs from fp32."""
+    out = tmp_path_factory.mktemp("native-exact") / "model"
+    prepare_gguf(smollm2_gguf, out, precision=Precision.NATIVE, progress=False, accuracy_level=1)
+    return resolve(parse_model_arg(str(out)), out.parent, precision=Precision.NATIVE, progress=False)
+
+
+def test_native_in_fp32_is_the_file(
+    native_exact_model: PreparedModel, prose_ids: list[int], fp32_top1: npt.NDArray[np.int64]
+) -> None:
+    assert _agreement(native_exact_model, prose_ids, fp32_top1, "native (level 1)") >= 0.99
+
+
+@pytest.mark.parametrize("chat", range(len(GREEDY_CHATS)))
+def test_native_in_fp32_greedy_matches_transformers(
+    chat: int, native_exact_model: PreparedModel, chat_tokenizer: ChatTokenizer, smollm2_gguf: Path
+) -> None:
+    prompt = chat_tokenizer.prompt_ids(GREEDY_CHATS[chat])
+    expected = reference.reference_greedy(smollm2_gguf, prompt, GREEDY_TOKENS)
+    assert greedy(native_exact_model, prompt, GREEDY_TOKENS) == expected
+
+
+def test_native_agreement_is_reported(
+    native_model: PreparedModel, prose_ids: list[int], fp32_top1: npt.NDArray[np.int64]
+) -> None:
+    """At level 4 the activations are quantized to int8 per block; the agreement is printed (``-s``)."""
+    assert _agreement(native_model, prose_ids, fp32_top1, "native (level 4)") >= MIN_NATIVE_AGREEMENT

@@ -20,6 +20,7 @@ import gguf
 import numpy as np
 
 from service.engine.models.architectures import ARCHITECTURES, Architecture
+from service.engine.models.native_quant import NATIVE_TYPES, NativeWeight, from_gguf
 from service.errors import ModelError
 
 if TYPE_CHECKING:
@@ -241,10 +242,24 @@ class GGUFSource:
         tensor = self._tensors.get(name)
         if tensor is None:
             raise ModelError(f"GGUF file lacks tensor {name!r}")
-        array = _dequantize(tensor.data, tensor.tensor_type)
+        return self._unpermuted(name, _dequantize(tensor.data, tensor.tensor_type))
+
+    def native_tensor(self, name: str) -> NativeWeight | None:
+        """Matrix ``name`` in the file's own quantized values (for ``MatMulNBits``), or None
+        where its type has no native mapping (float types, say). The q/k row permutation is
+        undone on the raw block rows: a row's blocks move whole, so the values stay exact."""
+        tensor = self._tensors.get(name)
+        if tensor is None:
+            raise ModelError(f"GGUF file lacks tensor {name!r}")
+        if tensor.tensor_type not in NATIVE_TYPES or len(tensor.shape) != 2:
+            return None
+        raw = self._unpermuted(name, np.asarray(tensor.data))
+        return from_gguf(raw, tensor.tensor_type, int(tensor.shape[0]))
+
+    def _unpermuted(self, name: str, rows: np.ndarray) -> np.ndarray:
         if self.architecture.unpermute_qk:
             if name.endswith(".attn_q.weight"):
-                array = _unpermute_rotary_rows(array, self.config.num_heads)
-            elif name.endswith(".attn_k.weight"):
-                array = _unpermute_rotary_rows(array, self.config.num_kv_heads)
-        return array
+                return _unpermute_rotary_rows(rows, self.config.num_heads)
+            if name.endswith(".attn_k.weight"):
+                return _unpermute_rotary_rows(rows, self.config.num_kv_heads)
+        return rows

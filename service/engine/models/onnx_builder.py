@@ -9,7 +9,8 @@ our runner and in ``onnxruntime_genai`` (for side-by-side benchmarks):
   V come packed from one projection; families that normalize q and k per head first
   (Qwen 3, Gemma 3) pass them unpacked, normalized, to the same op;
 * ``SimplifiedLayerNormalization`` / ``SkipSimplifiedLayerNormalization`` (residual fused);
-* ``MatMulNBits`` weights (int8 or int4, block-wise) or plain ``MatMul`` (fp32);
+* ``MatMulNBits`` weights (int8 or int4, block-wise; or ``native``: the GGUF's own quantized
+  values and bits, see :mod:`native_quant`) or plain ``MatMul`` (fp32);
 * an lm_head that computes logits for the last position only.
 
 Inputs: ``input_ids`` int64 [batch, seq], ``attention_mask`` int64 [batch, total]
@@ -32,6 +33,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from service.engine.models.architectures import Architecture, MLPKind
+from service.engine.models.native_linear import emit_native_linear
+from service.engine.models.native_quant import NativeWeight, stack_rows
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -46,6 +49,7 @@ _ALIGN = 4096  # external tensors start on page boundaries (ORT can map them)
 
 
 class Precision(StrEnum):
+    NATIVE = "native"  # the GGUF's own quantized values (MatMulNBits); float tensors as INT8
     INT8 = "int8"
     INT4 = "int4"
     FP32 = "fp32"
@@ -61,6 +65,8 @@ class WeightSource(Protocol):
     def architecture(self) -> Architecture: ...
 
     def tensor(self, name: str) -> np.ndarray: ...
+
+    def native_tensor(self, name: str) -> NativeWeight | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,13 +209,17 @@ class _Graph:
         )
         return outputs[0]
 
-    def linear(self, name: str, x: str, weight: np.ndarray, bias: np.ndarray | None = None) -> str:
-        """y = x @ weight.T (+ bias) for a float32 weight [out, in]."""
+    def linear(
+        self, name: str, x: str, weight: np.ndarray | NativeWeight, bias: np.ndarray | None = None
+    ) -> str:
+        """y = x @ weight.T (+ bias) for a float32 weight [out, in] or a GGUF one in its own bits."""
         out = f"{name}/out"
-        if self.precision is Precision.FP32:
+        if isinstance(weight, NativeWeight):
+            out = emit_native_linear(self, name, x, weight, self.accuracy_level)
+        elif self.precision is Precision.FP32:
             self.node("MatMul", [x, self.init(f"{name}.weight", weight.T)], [out])
         else:
-            q = _quantize_in_slices(weight, 8 if self.precision is Precision.INT8 else 4)
+            q = _quantize_in_slices(weight, 4 if self.precision is Precision.INT4 else 8)
             inputs = [x, self.init(f"{name}.qweight", q.packed), self.init(f"{name}.scales", q.scales)]
             if q.zero_points is not None:
                 inputs.append(self.init(f"{name}.qzeros", q.zero_points))
@@ -242,15 +252,28 @@ class _Graph:
 class _Reader:
     """Reads tensors from the source and reports each name to ``on_tensor``."""
 
-    def __init__(self, source: WeightSource, on_tensor: Callable[[str], None] | None) -> None:
+    def __init__(
+        self, source: WeightSource, on_tensor: Callable[[str], None] | None, *, native: bool
+    ) -> None:
         self._source = source
         self._on_tensor = on_tensor
+        self._native = native
 
     def __call__(self, name: str) -> np.ndarray:
         array = self._source.tensor(name)
         if self._on_tensor is not None:
             self._on_tensor(name)
         return array
+
+    def weight(self, name: str) -> np.ndarray | NativeWeight:
+        """A linear layer's weight: in the file's own bits under ``Precision.NATIVE`` where its
+        type has a mapping, else float32."""
+        native = self._source.native_tensor(name) if self._native else None
+        if native is None:
+            return self(name)
+        if self._on_tensor is not None:
+            self._on_tensor(name)
+        return native
 
 
 def build_decoder(
@@ -270,7 +293,8 @@ def build_decoder(
     data_name = model_path.name + ".data"
     with (model_path.parent / data_name).open("wb") as data:
         g = _Graph(precision, accuracy_level, data, data_name)
-        _Builder(g, source.config, source.architecture, _Reader(source, on_tensor)).build(max_positions)
+        read = _Reader(source, on_tensor, native=precision is Precision.NATIVE)
+        _Builder(g, source.config, source.architecture, read).build(max_positions)
     model = _model_proto(g, source.config)
     model_path.write_bytes(model.SerializeToString())
 
@@ -300,8 +324,9 @@ class _Builder:
         final, _ = g.skip_rms_norm(
             "final_norm", "final/pending_last", "final/resid_last", final_weight, cfg.rms_norm_eps
         )
-        # Tied embeddings are read a second time rather than held through the whole build.
-        head = self.read("token_embd.weight") if cfg.tie_word_embeddings else self.read("output.weight")
+        # Tied embeddings are read a second time rather than held through the whole build
+        # (natively, the lookup table above is float and the lm_head in the file's bits).
+        head = self.read.weight("token_embd.weight" if cfg.tie_word_embeddings else "output.weight")
         g.node("Identity", [g.linear("lm_head", final, head)], ["logits"])
 
     def _inputs(self) -> None:
@@ -334,7 +359,8 @@ class _Builder:
 
     def _embedding(self, embed: np.ndarray) -> str:
         g = self.g
-        if g.precision is Precision.FP32:
+        # Native keeps the file's values exactly: its (dequantized) table stays float32.
+        if g.precision in (Precision.FP32, Precision.NATIVE):
             g.node("Gather", [g.init("embed_tokens.weight", embed), "input_ids"], ["embed/out"])
         else:  # half the memory of float32; the rounding is far below int8's
             table = g.init("embed_tokens.weight_fp16", embed.astype(np.float16))
@@ -355,7 +381,7 @@ class _Builder:
             x = g.rms_norm(f"{p}.attn_norm", residual, attn_norm, eps)
         else:
             x, residual = g.skip_rms_norm(f"{p}.attn_norm", pending, residual, attn_norm, eps)
-        attn = g.linear(f"{p}.attn_output", self._attention(i, x), read(f"{p}.attn_output.weight"))
+        attn = g.linear(f"{p}.attn_output", self._attention(i, x), read.weight(f"{p}.attn_output.weight"))
         if arch.sandwich_norms:
             attn = g.rms_norm(f"{p}.post_attention_norm", attn, read(f"{p}.post_attention_norm.weight"), eps)
         x, residual = g.skip_rms_norm(f"{p}.ffn_norm", attn, residual, read(f"{p}.ffn_norm.weight"), eps)
@@ -367,10 +393,11 @@ class _Builder:
     def _attention(self, i: int, x: str) -> str:
         g, cfg, arch, read = self.g, self.cfg, self.arch, self.read
         p = f"blk.{i}"
+        weight: np.ndarray | NativeWeight
         if arch.fused_qkv:
-            weight = read(f"{p}.attn_qkv.weight")
+            weight = read.weight(f"{p}.attn_qkv.weight")
         else:
-            weight = np.concatenate([read(f"{p}.attn_{name}.weight") for name in ("q", "k", "v")])
+            weight = stack_rows([read.weight(f"{p}.attn_{name}.weight") for name in ("q", "k", "v")])
         bias = None
         if arch.qkv_bias:
             bias = np.concatenate([read(f"{p}.attn_{name}.bias") for name in ("q", "k", "v")])
@@ -413,11 +440,17 @@ class _Builder:
 
     def _mlp(self, p: str, x: str) -> str:
         g, read = self.g, self.read
+        gate_weight: np.ndarray | NativeWeight
+        up_weight: np.ndarray | NativeWeight
         if self.arch.fused_gate_up:
-            both = read(f"{p}.ffn_up.weight")
-            gate_weight, up_weight = both[: self.cfg.intermediate_size], both[self.cfg.intermediate_size :]
+            both = read.weight(f"{p}.ffn_up.weight")
+            size = self.cfg.intermediate_size
+            if isinstance(both, NativeWeight):
+                gate_weight, up_weight = both.rows(0, size), both.rows(size, both.n)
+            else:
+                gate_weight, up_weight = both[:size], both[size:]
         else:
-            gate_weight, up_weight = read(f"{p}.ffn_gate.weight"), read(f"{p}.ffn_up.weight")
+            gate_weight, up_weight = read.weight(f"{p}.ffn_gate.weight"), read.weight(f"{p}.ffn_up.weight")
         gate = g.linear(f"{p}.ffn_gate", x, gate_weight)
         up = g.linear(f"{p}.ffn_up", x, up_weight)
         if self.arch.mlp is MLPKind.SWIGLU:
@@ -426,7 +459,7 @@ class _Builder:
         else:
             act = g.node("Gelu", [gate], [f"{p}/gelu"], approximate="tanh")
         g.node("Mul", [act, up], [f"{p}/mlp_in"])
-        return g.linear(f"{p}.ffn_down", f"{p}/mlp_in", read(f"{p}.ffn_down.weight"))
+        return g.linear(f"{p}.ffn_down", f"{p}/mlp_in", read.weight(f"{p}.ffn_down.weight"))
 
 
 def _model_proto(g: _Graph, cfg: ModelConfig) -> onnx.ModelProto:

@@ -36,8 +36,10 @@ MODEL_FILE = "model.onnx"
 GENAI_CONFIG_NAME = "genai_config.json"
 
 # int8 MatMulNBits is ~60x slower per token without accuracy_level 4 (int8 compute);
-# int4 is fast on the fp32 path (level 0) and more accurate there.
-ACCURACY_LEVELS = {Precision.INT8: 4, Precision.INT4: 0, Precision.FP32: 0}
+# int4 is fast on the fp32 path (level 0) and more accurate there. Native: 8-bit layouts
+# need level 4 as int8 does, and 4-bit ones run ~2.5x faster there than at level 0/1
+# (bench/native.py), at the cost of quantizing the activations per block.
+ACCURACY_LEVELS = {Precision.NATIVE: 4, Precision.INT8: 4, Precision.INT4: 0, Precision.FP32: 0}
 
 _PARTIAL_MARK = ".partial-"
 _STALE_PARTIAL_S = 6 * 3600
@@ -51,8 +53,12 @@ def prepare_gguf(
     progress: bool = True,
     max_positions: int | None = None,
     on_tensor: Callable[[str], None] | None = None,
+    accuracy_level: int | None = None,
 ) -> Path:
     """Build ``out_dir`` from ``gguf_path`` and return it.
+
+    ``accuracy_level`` overrides MatMulNBits' compute precision (default: the precision's own,
+    ``ACCURACY_LEVELS``); fidelity checks use 1 to compute natively in fp32.
 
     ``on_tensor`` is called with each tensor's name as it is read; an exception it raises
     aborts the build and leaves ``out_dir`` untouched.
@@ -62,7 +68,8 @@ def prepare_gguf(
     _remove_stale_partials(out_dir)
     work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}{_PARTIAL_MARK}", dir=out_dir.parent))
     try:
-        _build_into(work, gguf_path, precision, progress, max_positions, on_tensor)
+        level = ACCURACY_LEVELS[precision] if accuracy_level is None else accuracy_level
+        _build_into(work, gguf_path, precision, level, progress, max_positions, on_tensor)
         _move_into_place(work, out_dir)
     finally:
         if work.exists():
@@ -92,6 +99,7 @@ def _build_into(
     work: Path,
     gguf_path: Path,
     precision: Precision,
+    accuracy_level: int,
     progress: bool,
     max_positions: int | None,
     on_tensor: Callable[[str], None] | None,
@@ -105,7 +113,6 @@ def _build_into(
     except (NotImplementedError, ValueError) as exc:
         raise ModelError(f"cannot convert the tokenizer of {gguf_path}: {exc}") from exc
     context_length = max_positions or config.context_length
-    accuracy_level = ACCURACY_LEVELS[precision]
     with tqdm(
         total=source.tensor_count(),
         desc=f"reading {gguf_path.name}",
