@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -18,13 +17,11 @@ _MAX_HOLD_S = 60.0
 
 class EngineGate:
     """Holds the engine before its model runs: ``hold(n)`` lets ``n`` more runs through, then blocks
-    (a prefill is one run, each decoded token one more); ``release()`` lets everything through.
-    ``step_s`` paces every run, so that a reply lasts long enough for a user to act mid-stream."""
+    (a prefill is one run, each decoded token one more); ``release()`` lets everything through."""
 
-    def __init__(self, step_s: float = 0.0) -> None:
+    def __init__(self) -> None:
         self._cond = threading.Condition()
         self._permits: int | None = None  # None: open
-        self.step_s = step_s
 
     def hold(self, runs: int = 0) -> None:
         with self._cond:
@@ -41,8 +38,6 @@ class EngineGate:
             self._cond.wait_for(lambda: self._permits != 0, timeout=_MAX_HOLD_S)
             if self._permits:
                 self._permits -= 1
-        if self.step_s:
-            time.sleep(self.step_s)
 
     def install(self, service: ChatServer, monkeypatch: pytest.MonkeyPatch) -> None:
         for engine in service.models.loaded():
