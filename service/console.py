@@ -6,7 +6,7 @@ It names the existing entry points, so they work without activating the venv or 
 - ``localchat serve ...``  is ``python -m service ...`` (the service);
 - ``localchat chat ...``   is ``python -m tui_client ...`` (the terminal client, or one-shot);
 - ``localchat users ...``  is ``python -m service users ...`` (accounts of ``--auth token``);
-- ``localchat models ...`` is ``python -m service.engine.models ...`` (prepare a model ahead of time).
+- ``localchat models ...`` is ``python -m service models ...`` (prepare, tokenize, inspect).
 
 Each subcommand's modules are imported only when it runs, so ``localchat chat`` never loads the
 engine.
@@ -24,7 +24,7 @@ commands:
   serve    run the service (python -m service)
   chat     the terminal client; --prompt TEXT for one reply (python -m tui_client)
   users    add|list|revoke the users of --auth token (python -m service users)
-  models   prepare a model ahead of time (python -m service.engine.models)
+  models   prepare a model ahead of time, tokenize text, inspect a GGUF (python -m service models)
 
 'localchat COMMAND --help' describes each command's options.
 """
@@ -49,9 +49,9 @@ def _chat(argv: list[str]) -> int:
 
 
 def _models(argv: list[str]) -> int:
-    from service.engine.models.__main__ import main
+    from service.__main__ import main
 
-    return main(argv, prog="localchat models")
+    return main(["models", *argv], prog="localchat")
 
 
 COMMANDS: Final[dict[str, Callable[[list[str]], int]]] = {

@@ -1,4 +1,8 @@
-"""``python -m service models tokenize|inspect``: look into a GGUF file without serving it.
+"""``python -m service models prepare|tokenize|inspect``: build a model ahead of time, or look into
+a GGUF file without serving it.
+
+``prepare --model M`` fetches and builds a model as the service would at start, and prints its
+directory (see ``service.engine.models.__main__``).
 
 ``tokenize FILE.gguf [TEXT]`` prints the token ids of TEXT (else of stdin, exactly as read) as a
 JSON list, with the tokenizer this service builds from the file's metadata. Without
@@ -19,6 +23,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from service.engine.models.__main__ import add_prepare_arguments, prepare
 from service.engine.models.gguf_inspect import Report, inspect_gguf
 from service.engine.models.gguf_tokenizer import build_tokenizer, read_gguf_tokenizer
 
@@ -27,13 +32,14 @@ if TYPE_CHECKING:
 
 
 def add_models_command(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Register ``models`` (with ``tokenize`` and ``inspect``) on the entry point's subcommands."""
+    """Register ``models`` (``prepare``, ``tokenize``, ``inspect``) on the entry point's subcommands."""
     models = subparsers.add_parser(
         "models",
-        help="tokenize text or inspect a GGUF file",
+        help="prepare a model ahead of time, tokenize text or inspect a GGUF file",
         description=__doc__.split("\n\n")[0] if __doc__ else None,
     )
     actions = models.add_subparsers(dest="models_action", metavar="ACTION", required=True)
+    add_prepare_arguments(actions.add_parser("prepare", help="fetch and build a model; print its directory"))
     tokenize = actions.add_parser(
         "tokenize", help="print the token ids of TEXT (or stdin) as a JSON list", description=__doc__
     )
@@ -51,6 +57,8 @@ def add_models_command(subparsers: argparse._SubParsersAction[argparse.ArgumentP
 
 def main(args: argparse.Namespace) -> int:
     """Run the ``models`` action that ``args`` names; the exit status."""
+    if args.models_action == "prepare":
+        return prepare(args)
     path: Path = args.file
     if not path.is_file():
         print(f"error: no such file: {path}", file=sys.stderr)

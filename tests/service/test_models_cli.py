@@ -1,4 +1,4 @@
-"""``python -m service models tokenize|inspect``, run as a user runs it."""
+"""``python -m service models tokenize|inspect|prepare`` (and ``localchat models``), run as a user runs it."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from service.console import main
 from service.engine.models.gguf_tokenizer import build_tokenizer, read_gguf_tokenizer
 from tests.conftest import REPO_ROOT
 from tests.engine.gguf_files import llama_vocab
@@ -97,3 +98,18 @@ def test_not_a_gguf_file_is_one_line_error(action: str, tmp_path: Path) -> None:
         assert result.returncode == 1
         assert result.stderr.startswith("error: "), result.stderr
         assert result.stderr.count("\n") == 1, result.stderr
+
+
+def test_localchat_models_is_python_m_service_models(
+    smollm2_gguf: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The installed ``localchat models`` runs the same actions: tokenize gives the ids ``python -m
+    service models`` prints, and prepare builds a model and prints its directory."""
+    assert main(["models", "tokenize", str(smollm2_gguf), "Hello there"]) == 0
+    ids = json.loads(capsys.readouterr().out)
+    assert ids == json.loads(_run("tokenize", str(smollm2_gguf), "Hello there").stdout)
+    model = ["--model", str(smollm2_gguf), "--data-dir", str(tmp_path), "--precision", "int4"]
+    assert main(["models", "prepare", *model, "--quiet"]) == 0
+    directory = Path(capsys.readouterr().out.strip())
+    assert directory.parent.parent == tmp_path
+    assert (directory / "localchat.json").is_file()

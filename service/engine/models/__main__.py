@@ -12,17 +12,25 @@ from service.engine.models.registry import parse_model_arg, resolve
 from service.errors import ModelError
 
 
+def add_prepare_arguments(prepare: argparse.ArgumentParser) -> None:
+    """The options of ``prepare`` (also ``python -m service models prepare``)."""
+    add_model_arguments(prepare)
+    prepare.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def _parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog)
     commands = parser.add_subparsers(dest="command", required=True)
-    prepare = commands.add_parser("prepare", help="fetch and build a model; print its directory")
-    add_model_arguments(prepare)
-    prepare.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_prepare_arguments(commands.add_parser("prepare", help="fetch and build a model; print its directory"))
     return parser
 
 
 def main(argv: list[str] | None = None, *, prog: str = "python -m service.engine.models") -> int:
-    args = _parser(prog).parse_args(argv)
+    return prepare(_parser(prog).parse_args(argv))
+
+
+def prepare(args: argparse.Namespace) -> int:
+    """Fetch and build the model ``args`` names; print its directory; the exit status."""
     started = time.perf_counter()
     try:
         prepared = resolve(
