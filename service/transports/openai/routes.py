@@ -245,7 +245,11 @@ class OpenAIApi:
                 sampling if seed is None or i == 0 else dataclasses.replace(sampling, seed=(seed + i) % 2**63)
                 for i in range(req.n)
             ]
-            replies = self.core.submit_choices(user, engine, prompt, params, sent_at=sent_at)
+            # A chat on a base model is a plain transcript: its replies end where the next turn would.
+            stops = engine.tokenizer.turn_stops if chat else ()
+            replies = self.core.submit_choices(
+                user, engine, prompt, params, sent_at=sent_at, turn_stops=stops
+            )
         except ServiceError as exc:
             raise from_service(exc, prompt_param) from None
         queue: asyncio.Queue[_Event] = asyncio.Queue()
