@@ -33,6 +33,7 @@ from service.store.records import User, parse_id
 from service.store.store import Store
 from service.transports.asgi import Gateway
 from service.transports.http import pages
+from service.transports.http.routes import plain_routes
 from service.transports.openai.routes import openai_routes
 from service.transports.ws.connection import Connection
 from service.transports.ws.endpoint import WebSocketEndpoint
@@ -97,6 +98,7 @@ class ChatServer:
         http = Starlette(
             routes=[
                 Mount("/v1", routes=openai_routes(self.core, settings.server)),
+                *plain_routes(self.core, settings.server),
                 *pages.routes(
                     ready=self.ready,
                     metrics=self.metrics.exposition,

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urldefrag, urljoin
 
+import yaml
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError
 from referencing import Registry, Resource
@@ -27,6 +28,7 @@ from referencing.jsonschema import DRAFT202012
 
 SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schema"
 BASE_URI = "https://localchat.example/schema/chat.v1/"
+OPENAPI_URI = BASE_URI + "openapi.yaml"
 
 Side = Literal["client", "server"]
 
@@ -74,7 +76,21 @@ def load_registry() -> Registry[Any]:
         if contents.get("$id") != expected:
             raise ValueError(f"schema/{relative}: $id must be {expected!r}, not {contents.get('$id')!r}")
         resources.append((expected, Resource.from_contents(contents, default_specification=DRAFT202012)))
+    # The OpenAPI document's schemas refer to common.json and to their own components.
+    resources.append((OPENAPI_URI, DRAFT202012.create_resource(openapi_document())))
     return Registry().with_resources(resources).crawl()
+
+
+@functools.cache
+def openapi_document() -> dict[str, Any]:
+    """``schema/openapi.yaml``, parsed."""
+    loaded: dict[str, Any] = yaml.safe_load((SCHEMA_DIR / "openapi.yaml").read_text(encoding="utf-8"))
+    return loaded
+
+
+def inlined(node: Any, base: str) -> Any:
+    """A schema node found in the document at ``base``, with every ``$ref`` inlined."""
+    return _inline(node, base, ())
 
 
 @functools.cache

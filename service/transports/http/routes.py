@@ -1,0 +1,13 @@
+"""Every plain HTTP route group, in the order they are matched (see schema/openapi.yaml)."""
+
+from __future__ import annotations
+
+from starlette.routing import BaseRoute
+
+from service.config import ServerSettings
+from service.core.chats import ChatCore
+
+
+def plain_routes(core: ChatCore, settings: ServerSettings) -> list[BaseRoute]:
+    routes: list[BaseRoute] = []
+    return routes
