@@ -20,6 +20,7 @@ from starlette.responses import JSONResponse, Response
 from service.config import ServerSettings
 from service.core.chats import ChatCore
 from service.engine.engine import Engine
+from service.engine.tokenizer import ChatMessage
 from service.errors import (
     Busy,
     ContextOverflow,
@@ -32,6 +33,8 @@ from service.errors import (
     StoreUnavailable,
     TooManyRequests,
 )
+from service.protocol import codec, frames
+from service.protocol.errors import ProtocolError
 from service.store.records import User
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -138,6 +141,54 @@ class PlainRoutes:
             ping_message_factory=lambda: ServerSentEvent(comment="keep-alive", sep="\n"),
             headers={"Cache-Control": "no-store"},
         )
+
+
+PARAM_NAMES = ("max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop")
+ROLES = ("system", "user", "assistant")
+
+
+def params_from(body: dict[str, Any]) -> frames.Params:
+    """The sampling parameters of a request: its ``params`` object (those of ``chat.v1``),
+    or the same fields at the top level; the object wins where both name one. Types are checked
+    here (400); ranges and defaults by the chat core's ``sampling``."""
+    nested = body.get("params", {})
+    if nested is None:
+        nested = {}
+    if not isinstance(nested, dict):
+        raise PlainError(400, "params must be an object")
+    merged = {name: body[name] for name in PARAM_NAMES if body.get(name) is not None} | nested
+    try:
+        return codec.parse_params(merged)
+    except ProtocolError as exc:
+        raise PlainError(400, exc.message) from None
+
+
+def messages_from(value: object) -> list[ChatMessage]:
+    """A conversation: strings alternating user / assistant (the last the user's), or
+    ``{"role", "content"}`` objects (roles system, user, assistant); 400 otherwise."""
+    if not isinstance(value, list) or not value:
+        raise PlainError(400, "messages must be a non-empty list")
+    if all(isinstance(item, str) for item in value):
+        if len(value) % 2 == 0:
+            raise PlainError(400, "messages as strings alternate user / assistant and end with the user's")
+        return [
+            ChatMessage(role="user" if i % 2 == 0 else "assistant", content=text)
+            for i, text in enumerate(value)
+        ]
+    messages = []
+    for i, item in enumerate(value):
+        if (
+            not isinstance(item, dict)
+            or item.get("role") not in ROLES
+            or not isinstance(item.get("content"), str)
+        ):
+            raise PlainError(
+                400, f'messages[{i}] must be a string or {{"role": system|user|assistant, "content": string}}'
+            )
+        messages.append(ChatMessage(role=item["role"], content=item["content"]))
+    if messages[-1]["role"] != "user":
+        raise PlainError(400, "the last message must be the user's")
+    return messages
 
 
 def data_event(payload: dict[str, Any], *, event_id: int | None = None) -> ServerSentEvent:
