@@ -76,6 +76,15 @@ class _Job:
     queue: asyncio.Queue[_Event]
     include_usage: bool
 
+    def chunk_frame(self) -> tuple[bytes, bytes]:
+        """The bytes around the choices of every streamed chunk, ``data: {…"choices":[`` and
+        ``]…}\\n\\n``, encoded once per request: a token's event then costs one small
+        ``orjson.dumps`` of its choice."""
+        usage_field = {"usage": None} if self.include_usage else {}
+        whole = orjson.dumps(self.envelope([], chunk=True, **usage_field))
+        head, _, tail = whole.partition(b'"choices":[]')
+        return b"data: " + head + b'"choices":[', b"]" + tail + b"\n\n"
+
     def envelope(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         kind = ("chat.completion.chunk" if self.chat else "text_completion") if extra.pop("chunk") else None
         return {
@@ -275,29 +284,29 @@ class OpenAIApi:
         return await _whole(job, request)
 
 
-def _data(payload: dict[str, Any]) -> ServerSentEvent:
-    return ServerSentEvent(orjson.dumps(payload).decode(), sep="\n")
+def _data(payload: dict[str, Any] | str) -> bytes:
+    """One ``data:`` event, encoded (sse-starlette passes bytes through as they are)."""
+    body = payload.encode() if isinstance(payload, str) else orjson.dumps(payload)
+    return b"data: " + body + b"\n\n"
 
 
-async def _events(job: _Job) -> AsyncIterator[ServerSentEvent]:
+async def _events(job: _Job) -> AsyncIterator[bytes]:
     """The stream: a role chunk per choice (chat), a chunk per delta, a finish chunk per
     choice, the usage chunk when asked for, then ``[DONE]``. Leaving early (the client
     closed the stream) cancels the choices still running."""
-    usage_field = {"usage": None} if job.include_usage else {}
+    head, tail = job.chunk_frame()
     results: list[GenerationResult | None] = [None] * len(job.replies)
     try:
         if job.chat:
             for index in range(len(job.replies)):
                 delta = {"role": "assistant", "content": ""}
                 choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": None}
-                yield _data(job.envelope([choice], chunk=True, **usage_field))
+                yield head + orjson.dumps(choice) + tail
         while any(r is None for r in results):
             index, event = await job.queue.get()
             if isinstance(event, Delta):
                 if event.text:
-                    yield _data(
-                        job.envelope([_piece(job, index, event.text, None)], chunk=True, **usage_field)
-                    )
+                    yield head + orjson.dumps(_piece(job, index, event.text, None)) + tail
                 continue
             results[index] = event
             failure = _failure(event)
@@ -305,13 +314,11 @@ async def _events(job: _Job) -> AsyncIterator[ServerSentEvent]:
                 job.cancel(CancelCause.CLOSE)
                 yield _data(orjson.loads(failure.response().body))
                 return
-            yield _data(
-                job.envelope([_piece(job, index, None, _FINISH[event.reason])], chunk=True, **usage_field)
-            )
+            yield head + orjson.dumps(_piece(job, index, None, _FINISH[event.reason])) + tail
         if job.include_usage:
             finished = [r for r in results if r is not None]
             yield _data(job.envelope([], chunk=True, usage=job.usage(finished)))
-        yield ServerSentEvent("[DONE]", sep="\n")
+        yield _data("[DONE]")
     finally:
         job.cancel(CancelCause.DISCONNECT)
 
