@@ -15,7 +15,7 @@ import signal
 import sys
 import time
 
-from service.cli import add_engine_arguments, data_dir, engine_settings
+from service.cli.options import add_engine_arguments, data_dir, engine_settings
 from service.engine.engine import GenerationStream
 from service.engine.loader import load_engine
 from service.engine.models.onnx_builder import Precision

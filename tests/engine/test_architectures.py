@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import pytest
 
-from service.cli import add_engine_arguments, engine_settings
+from service.cli.options import add_engine_arguments, engine_settings
 from service.config import EngineSettings
 from service.engine.loader import FALLBACK_CONTEXT, served_context
 from service.engine.models.__main__ import main

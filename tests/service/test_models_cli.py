@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from service.console import main
+from service.cli.console import main
 from service.engine.models.gguf_tokenizer import build_tokenizer, read_gguf_tokenizer
 from tests.conftest import REPO_ROOT
 from tests.engine.gguf_files import llama_vocab

@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from service.__main__ import _parser, settings_from_args
+from service.cli.serve import _parser, settings_from_args
 
 
 def _settings(*argv: str) -> object:

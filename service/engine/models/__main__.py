@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-from service.cli import add_model_arguments, data_dir
+from service.cli.options import add_model_arguments, data_dir
 from service.engine.models.onnx_builder import Precision
 from service.engine.models.registry import parse_model_arg, resolve
 from service.errors import ModelError

@@ -31,13 +31,13 @@ commands:
 
 
 def _serve(argv: list[str]) -> int:
-    from service.__main__ import main_and_exit
+    from service.cli.serve import main_and_exit
 
     main_and_exit(argv, prog="localchat serve")
 
 
 def _users(argv: list[str]) -> int:
-    from service.__main__ import main
+    from service.cli.serve import main
 
     return main(["users", *argv], prog="localchat")
 
@@ -49,7 +49,7 @@ def _chat(argv: list[str]) -> int:
 
 
 def _models(argv: list[str]) -> int:
-    from service.__main__ import main
+    from service.cli.serve import main
 
     return main(["models", *argv], prog="localchat")
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Final, TypeVar
 
 from service.app import database
-from service.cli import data_dir
+from service.cli.options import data_dir
 from service.config import EngineSettings, ServerSettings, ServiceSettings
 from service.errors import ServiceError, UserExists
 from service.store.records import LOCAL_USER_NAME, token_hash
