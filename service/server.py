@@ -67,6 +67,10 @@ class ChatServer:
             running=lambda: sum(e.stats.running for e in self.models.loaded()),
             pending_writes=lambda: self.store.pending_writes,
             unsettled=lambda: sum(e.stats.unsettled_chats for e in self.models.loaded()),
+            reused=lambda: {
+                "shared": sum(e.stats.shared_tokens for e in self.models.loaded()),
+                "forked": sum(e.stats.forked_tokens for e in self.models.loaded()),
+            },
         )
         # Every frame the server sends passes here first (tests validate them against schema/).
         self.frame_observer: Callable[[Mapping[str, Any]], None] | None = None

@@ -6,11 +6,13 @@ callbacks, so the hot path only increments counters and observes histograms.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from enum import StrEnum
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -34,7 +36,11 @@ class Metrics:
         running: Callable[[], float],
         pending_writes: Callable[[], float] = lambda: 0,
         unsettled: Callable[[], float] = lambda: 0,
+        reused: Callable[[], Mapping[str, float]] = dict,
     ) -> None:
+        """``reused``: the engines' prompt positions copied from another KV cache, by how
+        (``shared``: another chat's cache of the same user; ``forked``: the first choice of the
+        same request), read at scrape time."""
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.ttft = Histogram(
@@ -86,6 +92,8 @@ class Metrics:
             registry=r,
         ).set_function(unsettled)
 
+        r.register(_ReusedTokens(reused))
+
     def describe_instance(self, name: str, instance_id: str) -> None:
         """``localchat_instance_info{instance_name, instance_id} 1``: which replica answered the
         scrape (each replica has its own registry; Prometheus adds its own ``instance`` label)."""
@@ -98,3 +106,20 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _ReusedTokens(Collector):
+    def __init__(self, read: Callable[[], Mapping[str, float]]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "localchat_prompt_tokens_reused",
+            "Prompt tokens copied from another KV cache instead of computed, by how: shared (another "
+            "chat of the same user) or forked (the first choice of the same request, OpenAI's n)",
+            labels=["how"],
+        )
+        counts = self._read()
+        for how in ("shared", "forked"):
+            family.add_metric([how], counts.get(how, 0))
+        yield family

@@ -27,6 +27,19 @@ async def get(server: ChatServer, path: str) -> tuple[int, str, bytes]:
     return await asyncio.to_thread(_get, server.port, path)
 
 
+async def scrape(server: ChatServer) -> dict[str, float]:
+    """``/metrics``, as ``{'name{labels}': value}``."""
+    status, kind, body = await get(server, "/metrics")
+    assert status == 200
+    assert kind.startswith("text/plain")
+    samples = {}
+    for line in body.decode().splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    return samples
+
+
 async def test_health_and_readiness(server: ChatServer) -> None:
     """/healthz and /readyz answer 200 with JSON once the model and database are up."""
     assert await get(server, "/healthz") == (200, "application/json", b'{"status":"ok"}')
@@ -67,14 +80,7 @@ async def test_metrics_count_what_happened(
     gate.release()
     await client.finish("s", started)
     await server.idle()
-    status, kind, body = await get(server, "/metrics")
-    assert status == 200
-    assert kind.startswith("text/plain")
-    samples = {}
-    for line in body.decode().splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            samples[name] = float(value)
+    samples = await scrape(server)
     assert samples["localchat_time_to_first_token_seconds_count"] == 2
     assert (
         samples["localchat_inter_token_latency_seconds_count"] >= reply.done["usage"]["completion_tokens"] - 1

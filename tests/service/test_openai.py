@@ -24,6 +24,7 @@ from service.store.records import token_hash
 from tests.engine_gate import GateFactory
 from tests.service.client import TIMEOUT_S, Client
 from tests.service.conftest import ServiceFactory, ws_url
+from tests.service.test_http import scrape
 
 GREEDY: dict[str, Any] = {"temperature": 0, "max_tokens": 12}
 HELLO = [{"role": "user", "content": "Say hello to the lighthouse keeper."}]
@@ -147,6 +148,7 @@ async def test_streaming_chunks_carry_role_deltas_finish_and_usage(
 async def test_three_choices_decode_together(server: ChatServer, api: AsyncOpenAI) -> None:
     """``n = 3``: three choices, indexed 0..2; greedy, they agree; the usage counts all three."""
     one = await api.chat.completions.create(model=model_id(server), messages=HELLO, **GREEDY)  # type: ignore[arg-type]
+    forked = (await scrape(server))['localchat_prompt_tokens_reused_total{how="forked"}']
     three = await api.chat.completions.create(model=model_id(server), messages=HELLO, n=3, **GREEDY)  # type: ignore[arg-type]
     assert [c.index for c in three.choices] == [0, 1, 2]
     assert {c.message.content for c in three.choices} == {one.choices[0].message.content}
@@ -154,6 +156,9 @@ async def test_three_choices_decode_together(server: ChatServer, api: AsyncOpenA
     assert one.usage is not None
     assert three.usage.prompt_tokens == one.usage.prompt_tokens
     assert three.usage.completion_tokens == 3 * one.usage.completion_tokens
+    # The prompt was prefilled once: the two other choices copied it (see it in /metrics).
+    after = (await scrape(server))['localchat_prompt_tokens_reused_total{how="forked"}']
+    assert after - forked == 2 * one.usage.prompt_tokens
 
 
 async def test_stop_strings_end_the_text_before_them(server: ChatServer, api: AsyncOpenAI) -> None:

@@ -13,6 +13,7 @@ from service.engine.tokenizer import ChatMessage, ChatTokenizer
 from service.server import ChatServer
 from tests.service.conftest import ServiceFactory
 from tests.service.test_auth import add_user, connect
+from tests.service.test_http import scrape
 
 GREEDY = {"temperature": 0, "max_tokens": 16}
 SYSTEM = (
@@ -68,6 +69,7 @@ async def test_a_users_new_chat_reuses_the_system_prompt_of_another_and_no_other
     assert reused.started["cached_tokens"] == shared
     assert reused.done["usage"]["cached_tokens"] == shared
     await settled(token_server)
+    assert (await scrape(token_server))['localchat_prompt_tokens_reused_total{how="shared"}'] == shared
 
     bob = await connect(token_server, bob_token)
     await bob.open("b", system=SYSTEM)
@@ -76,5 +78,6 @@ async def test_a_users_new_chat_reuses_the_system_prompt_of_another_and_no_other
     assert theirs.done["usage"]["cached_tokens"] == 0
     assert theirs.text == reused.text
     assert theirs.done["usage"]["completion_tokens"] == reused.done["usage"]["completion_tokens"]
+    assert (await scrape(token_server))['localchat_prompt_tokens_reused_total{how="shared"}'] == shared
     for client in (alice, again, bob):
         await client.close()
