@@ -33,10 +33,11 @@ import orjson  # noqa: E402
 from openai import AsyncOpenAI  # noqa: E402
 
 from bench.common import (  # noqa: E402
-    RESULTS_DIR,
+    add_run_arguments,
     add_service_arguments,
     fmt,
     format_table,
+    machine_line,
     median,
     ratio,
     run_facts,
@@ -186,13 +187,9 @@ def table(data: dict[str, Any]) -> str:
         ],
         ["sdk_vs_engine", fmt(data["sdk_vs_engine"], 3), "", ""],
     ]
-    machine = data["machine"]
     head = (
         f"API benchmark: {data['model']} ({data['precision']}), {data['threads']} threads, "
-        f"{data['max_tokens']} tokens, median of {data['rounds']}\n"
-        f"{machine['cpu_model']} ({machine['usable_cores']} cores, load {machine['load_avg_1m']:.2f}); "
-        f"onnxruntime {data['onnxruntime_version']}; peak RSS {data['peak_rss_mb']:.0f} MiB; "
-        f"{data['bench_seconds']:.0f} s"
+        f"{data['max_tokens']} tokens, median of {data['rounds']}\n" + machine_line(data)
     )
     return head + "\n\n" + format_table(["metric", "value", "target", "met"], rows)
 
@@ -202,11 +199,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_service_arguments(parser)
-    parser.add_argument("--threads", type=int, default=2, help="decoder threads (default 2)")
-    parser.add_argument("--tokens", type=int, default=128, help="max tokens per generation (default 128)")
-    parser.add_argument("--rounds", type=int, default=3, help="repetitions; medians are reported (default 3)")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "api.json", help="JSON output file")
-    parser.add_argument("-v", "--verbose", action="store_true", help="print every round as it ends")
+    add_run_arguments(parser, out="api.json")
     args = parser.parse_args(argv)
     if args.threads < 1 or args.tokens < 2 or args.rounds < 1:
         parser.error("--threads >= 1, --tokens >= 2, --rounds >= 1")

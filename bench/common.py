@@ -144,6 +144,32 @@ def run_facts(began: float) -> dict[str, Any]:
     }
 
 
+def machine_line(data: dict[str, Any]) -> str:
+    """The table head's line on where it ran: CPU, cores, load, onnxruntime, peak RSS, duration."""
+    machine = data["machine"]
+    return (
+        f"{machine['cpu_model']} ({machine['usable_cores']} cores, load {machine['load_avg_1m']:.2f}); "
+        f"onnxruntime {data['onnxruntime_version']}; peak RSS {data['peak_rss_mb']:.0f} MiB; "
+        f"{data['bench_seconds']:.0f} s"
+    )
+
+
+def add_run_arguments(
+    parser: argparse.ArgumentParser, *, out: str, tokens: int = 128, rounds: int = 3
+) -> None:
+    """--threads, --tokens, --rounds, --out, -v: how much a generation benchmark runs, and where
+    its JSON goes (``bench/results/<out>``)."""
+    parser.add_argument("--threads", type=int, default=2, help="decoder threads (default 2)")
+    parser.add_argument(
+        "--tokens", type=int, default=tokens, help=f"max tokens per generation (default {tokens})"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=rounds, help=f"repetitions; medians are reported (default {rounds})"
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / out, help="JSON output file")
+    parser.add_argument("-v", "--verbose", action="store_true", help="print every round as it ends")
+
+
 def add_service_arguments(parser: argparse.ArgumentParser) -> None:
     """--data-dir, --database-url, --precision: where a benchmarked service finds its model and history."""
     parser.add_argument(

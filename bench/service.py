@@ -40,10 +40,11 @@ if str(REPO_ROOT) not in sys.path:  # run as a script: python bench/service.py
     sys.path.insert(0, str(REPO_ROOT))
 
 from bench.common import (  # noqa: E402
-    RESULTS_DIR,
+    add_run_arguments,
     add_service_arguments,
     fmt,
     format_table,
+    machine_line,
     median,
     percentile,
     ratio,
@@ -268,13 +269,10 @@ def table(data: dict[str, Any]) -> str:
         ["stop_latency_ms_p50", fmt(data["stop_latency_ms_p50"]), "", ""],
         ["stop_latency_ms_p99", fmt(data["stop_latency_ms_p99"]), "", ""],
     ]
-    machine = data["machine"]
     head = (
         f"service benchmark: {data['model']} ({data['precision']}), {data['threads']} threads, "
         f"{data['max_tokens']} tokens, median of {data['rounds']}, database {data['database']}\n"
-        f"{machine['cpu_model']} ({machine['usable_cores']} cores, load {machine['load_avg_1m']:.2f}); "
-        f"onnxruntime {data['onnxruntime_version']}; peak RSS {data['peak_rss_mb']:.0f} MiB; "
-        f"{data['bench_seconds']:.0f} s"
+        + machine_line(data)
     )
     return head + "\n\n" + format_table(["metric", "value", "target", "met"], rows)
 
@@ -284,12 +282,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_service_arguments(parser)
-    parser.add_argument("--threads", type=int, default=2, help="decoder threads (default 2)")
-    parser.add_argument("--tokens", type=int, default=128, help="max tokens per generation (default 128)")
-    parser.add_argument("--rounds", type=int, default=3, help="repetitions; medians are reported (default 3)")
+    add_run_arguments(parser, out="service.json")
     parser.add_argument("--stops", type=int, default=40, help="stop-latency trials (default 40)")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "service.json", help="JSON output file")
-    parser.add_argument("-v", "--verbose", action="store_true", help="print every round as it ends")
     args = parser.parse_args(argv)
     if args.threads < 1 or args.tokens < 2 or args.rounds < 1 or args.stops < 0:
         parser.error("--threads >= 1, --tokens >= 2, --rounds >= 1, --stops >= 0")
