@@ -31,6 +31,7 @@ _LIMITS = (
     ("--max-frame-bytes", "max_frame_bytes", int, "BYTES"),
     ("--max-body-bytes", "max_body_bytes", int, "BYTES"),
     ("--max-tokens", "max_tokens", int, "N"),
+    ("--max-batch-prompts", "max_batch_prompts", int, "N"),
     ("--hello-timeout", "hello_timeout_s", float, "SECONDS"),
     ("--send-timeout", "send_timeout_s", float, "SECONDS"),
     ("--shutdown-grace", "shutdown_grace_s", float, "SECONDS"),
