@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import secrets
 import shutil
@@ -19,7 +20,9 @@ import orjson
 import pytest
 
 from service.core.reply import Reply
+from service.engine.engine import Engine
 from service.engine.models.registry import PreparedModel
+from service.engine.tokenizer import ChatMessage, ChatTokenizer
 from service.engine.types import FinishReason
 from service.server import ChatServer
 from service.store.records import token_hash
@@ -42,6 +45,10 @@ class Service:
         self.token = token
         self.url = f"http://127.0.0.1:{server.port}"
         self.auth = {"Authorization": f"Bearer {token}"}
+
+    async def engine(self) -> Engine:
+        """The default model's engine."""
+        return await self.server.models.engine(self.server.models.default_id)
 
     async def post(
         self, path: str, body: Any, *, headers: dict[str, str] | None = None, content: bytes | None = None
@@ -91,11 +98,16 @@ def text_of(events: list[dict[str, Any]]) -> str:
 
 @pytest.fixture(scope="module")
 async def service(
-    postgres_admin_dsn: str, tiny_model: PreparedModel, tmp_path_factory: pytest.TempPathFactory
+    postgres_admin_dsn: str,
+    tiny_model: PreparedModel,
+    tiny_base_model: PreparedModel,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> AsyncIterator[Service]:
+    """The tiny chat model (the default) and the tiny base model, under ``--auth token``."""
     data_dir: Path = tmp_path_factory.mktemp("generate")
     async with fresh_database(postgres_admin_dsn) as url:
-        settings = tiny_settings(url, tiny_model, data_dir)
+        models = (str(tiny_model.directory), str(tiny_base_model.directory))
+        settings = dataclasses.replace(tiny_settings(url, tiny_model, data_dir), models=models)
         async with serving(settings, auth="token", max_batch_prompts=BATCH) as server:
             token = secrets.token_urlsafe(32)
             await server.store.add_user("ada", token_hash(token))
@@ -175,13 +187,28 @@ async def test_stream_chat_and_raw_prompts(service: Service) -> None:
     assert generated[-1]["usage"]["prompt_tokens"] > len(ids)
 
 
+async def test_a_base_model_always_gets_the_prompt_raw(
+    service: Service, tiny_base_model: PreparedModel
+) -> None:
+    """A model without a chat template gets the prompt as the start of a document (its BOS
+    first), never its chat transcript, ``raw`` or not."""
+    tokenizer = ChatTokenizer.from_dir(tiny_base_model.directory)
+    document = tokenizer.encode_document(PROMPT)
+    transcript = tokenizer.prompt_ids([ChatMessage(role="user", content=PROMPT)])
+    assert len(document) != len(transcript)
+    for raw in (False, True):
+        body = {"prompt": PROMPT, "model": "tiny-base", "raw": raw, "stream": False, **GREEDY}
+        answer = await service.json("/generate", body)
+        assert answer["usage"]["prompt_tokens"] == len(document), raw
+
+
 # ---- batch -----------------------------------------------------------------------------------
 
 
 async def test_batch_decodes_its_prompts_in_shared_steps(service: Service) -> None:
     """Eight prompts answer in order, as each would alone, and decode together: the engine ran
     far fewer decode steps than it generated tokens. Nine are refused (413)."""
-    (engine,) = service.server.models.loaded()
+    engine = await service.engine()
     prompts = [f"Tell me about lighthouse number {i}." for i in range(BATCH)]
     params = {"temperature": 0, "max_tokens": 16}
     await service.server.idle()
@@ -213,7 +240,7 @@ async def test_tokenize_detokenize_round_trip(service: Service) -> None:
     assert ids
     assert all(isinstance(i, int) for i in ids)
     assert (await service.json("/detokenize", {"ids": ids}))["text"] == text
-    vocab = service.server.models.loaded()[0].tokenizer.vocab_size
+    vocab = (await service.engine()).tokenizer.vocab_size
     for bad in ([vocab], [-1], ["1"], [True], "12"):
         refused = await service.json("/detokenize", {"ids": bad}, 400)
         assert str(vocab - 1) in refused["error"]
@@ -226,7 +253,7 @@ async def test_tokenize_detokenize_round_trip(service: Service) -> None:
 async def test_refusals_have_statuses_and_messages(service: Service) -> None:
     """Malformed JSON, bad fields and params 400, an unknown model 404, a prompt past the
     context 413, a missing or unknown token 401; nothing runs for any of them."""
-    (engine,) = service.server.models.loaded()
+    engine = await service.engine()
     generations = engine.stats.generated_tokens
     cases: list[tuple[str, Any, int, str]] = [
         ("/generate", {"prompt": PROMPT, "temperature": 50}, 400, "temperature"),
@@ -272,7 +299,7 @@ async def test_closing_a_stream_cancels_within_one_step(service: Service, engine
     """The client closes ``/generate``'s stream after its first token: the engine runs at most the
     step it was in, and the cancellation counts as a disconnect."""
     server = service.server
-    (engine,) = server.models.loaded()
+    engine = await service.engine()
     await server.idle()
     before, disconnects = engine.stats.generated_tokens, await cancellations(service)
     gate = engine_gate(server)
