@@ -1,5 +1,5 @@
 """``python -m service``: the chat service (WebSocket ``/ws``, the OpenAI-compatible API under
-``/v1``, the page, health and metrics).
+``/v1``, the plain HTTP routes of schema/openapi.yaml, the page, health and metrics).
 
 ``python -m service users add|list|revoke`` manages the users of ``--auth token``
 (:mod:`service.users_cli`); ``python -m service models tokenize|inspect`` looks into a GGUF
