@@ -11,6 +11,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -190,6 +191,13 @@ def postgres_admin_dsn() -> Iterator[str]:
 @pytest.fixture
 async def database_url(postgres_admin_dsn: str) -> AsyncIterator[str]:
     """The DSN of a fresh, empty database made for this test, dropped after it."""
+    async with fresh_database(postgres_admin_dsn) as url:
+        yield url
+
+
+@asynccontextmanager
+async def fresh_database(postgres_admin_dsn: str) -> AsyncIterator[str]:
+    """The DSN of a fresh, empty database, dropped on leaving (for fixtures of a wider scope)."""
     name = f"localchat_test_{uuid.uuid4().hex[:16]}"
     admin = await asyncpg.connect(postgres_admin_dsn)
     try:

@@ -1,5 +1,5 @@
 """``python -m service``: the chat service (WebSocket ``/ws``, the OpenAI-compatible API under
-``/v1``, the page, health and metrics).
+``/v1``, the plain HTTP routes of schema/openapi.yaml, the page, health and metrics).
 
 ``python -m service users add|list|revoke`` manages the users of ``--auth token``
 (:mod:`service.cli.users`); ``python -m service models tokenize|inspect`` looks into a GGUF
@@ -32,6 +32,7 @@ _LIMITS = (
     ("--max-frame-bytes", "max_frame_bytes", int, "BYTES"),
     ("--max-body-bytes", "max_body_bytes", int, "BYTES"),
     ("--max-tokens", "max_tokens", int, "N"),
+    ("--max-batch-prompts", "max_batch_prompts", int, "N"),
     ("--hello-timeout", "hello_timeout_s", float, "SECONDS"),
     ("--send-timeout", "send_timeout_s", float, "SECONDS"),
     ("--shutdown-grace", "shutdown_grace_s", float, "SECONDS"),

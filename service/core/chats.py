@@ -24,7 +24,7 @@ from service.core.reply import Finisher, Reply
 from service.engine.engine import Engine, GenerationStream
 from service.engine.prefix_index import common_prefix
 from service.engine.tokenizer import ChatMessage
-from service.engine.types import FinishReason, GenerationResult, SamplingParams
+from service.engine.types import ChatKey, FinishReason, GenerationResult, SamplingParams
 from service.errors import Busy, Draining, InvalidParams, NotFound, ServiceError, TooManyRequests
 from service.model_pool import ModelPool
 from service.protocol import codec, frames
@@ -248,16 +248,46 @@ class ChatCore:
         one engine fork: the prompt is prefilled once and the choices decode together. Each
         gets a fresh cache key of the user's, so the engine may reuse the user's cached
         prefixes and never another user's."""
+        keys = self._stateless_keys(user, len(params))
+        # QueueFull, ContextOverflow, InvalidParams: all choices are queued, or none.
+        streams = engine.submit_fork(keys, prompt, params, turn_stops=turn_stops)
+        return self._stateless_replies(user, streams, [prompt] * len(streams), sent_at)
+
+    def submit_batch(
+        self,
+        user: User,
+        engine: Engine,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        *,
+        sent_at: float,
+        turn_stops: tuple[str, ...] = (),
+    ) -> list[Reply]:
+        """Start one reply per prompt, kept in no chat, queued in the engine together (all or
+        none) so that they decode in the same batched steps. Each counts as one generation
+        against the user's limit, as a choice does."""
+        keys = self._stateless_keys(user, len(prompts))
+        streams = engine.submit_batch(keys, prompts, [params] * len(prompts), turn_stops=turn_stops)
+        return self._stateless_replies(user, streams, prompts, sent_at)
+
+    def _stateless_keys(self, user: User, count: int) -> list[ChatKey]:
+        """Fresh cache keys of the user's for ``count`` more stateless generations; raises
+        ``Draining`` or ``TooManyRequests`` (past ``max_sessions`` running at once)."""
         self._admitting()
         running = sum(1 for r in self.replies.of_user(user.id) if r.chat_id is None)
-        if running + len(params) > self.settings.max_sessions:
+        if running + count > self.settings.max_sessions:
             raise TooManyRequests(
                 f"at most {self.settings.max_sessions} generations at once per user; {running} are running"
             )
-        keys = [chat_key(user.id, f"api-{uuid.uuid4()}") for _ in params]
-        # QueueFull, ContextOverflow, InvalidParams: all choices are queued, or none.
-        streams = engine.submit_fork(keys, prompt, params, turn_stops=turn_stops)
-        replies = [self._reply(stream, user.id, None, prompt, sent_at) for stream in streams]
+        return [chat_key(user.id, f"api-{uuid.uuid4()}") for _ in range(count)]
+
+    def _stateless_replies(
+        self, user: User, streams: list[GenerationStream], prompts: list[list[int]], sent_at: float
+    ) -> list[Reply]:
+        replies = [
+            self._reply(stream, user.id, None, prompt, sent_at)
+            for stream, prompt in zip(streams, prompts, strict=True)
+        ]
         for reply in replies:
             reply.placed.set()
         return replies

@@ -173,7 +173,7 @@ class Engine:
         ``turn_stops`` end the generation like ``params.stop`` does; a chat turn passes the
         tokenizer's ``turn_stops`` (a base model's transcript marks a turn's end with text).
         """
-        return self._submit([chat], prompt, [params], turn_stops)[0]
+        return self._submit([chat], [prompt], [params], turn_stops, fork=False)[0]
 
     def submit_fork(
         self,
@@ -193,28 +193,51 @@ class Engine:
             raise ValueError("submit_fork takes one or more keys and one params per key")
         if len({owner_of(chat) for chat in chats}) != 1:
             raise ValueError("the generations of a fork must share one owner")
-        return self._submit(list(chats), prompt, list(params), turn_stops)
+        return self._submit(list(chats), [prompt], list(params), turn_stops, fork=True)
+
+    def submit_batch(
+        self,
+        chats: list[ChatKey],
+        prompts: list[list[int]],
+        params: list[SamplingParams],
+        *,
+        turn_stops: tuple[str, ...] = (),
+    ) -> list[GenerationStream]:
+        """Queue one generation per ``(chats[i], prompts[i], params[i])`` in one go: they join
+        the queue together, so they are admitted one after another and decode in the same
+        batched steps (as far as ``max_batch`` and the slots allow). Each prompt is prefilled on
+        its own (reusing a cache as ``submit`` does). All or none are queued: raises like
+        ``submit``, or ``ValueError`` for mismatched arguments."""
+        if not chats or not len(chats) == len(prompts) == len(params):
+            raise ValueError("submit_batch takes one or more keys, with one prompt and params per key")
+        return self._submit(list(chats), list(prompts), list(params), turn_stops, fork=False)
 
     def _submit(
         self,
         chats: list[ChatKey],
-        prompt: list[int],
+        prompts: list[list[int]],
         params: list[SamplingParams],
         turn_stops: tuple[str, ...],
+        *,
+        fork: bool,
     ) -> list[GenerationStream]:
+        """Queue the generations, all or none. ``fork``: they share ``prompts[0]`` (one prompt
+        given), which the first prefills for the others."""
         if self._loop is None:
             raise RuntimeError("engine not started")
         for p in params:
             p.validate()
-        if not prompt:
-            raise ValueError("empty prompt")
-        if len(prompt) + 1 > self.max_len:
-            raise ContextOverflow(
-                f"prompt of {len(prompt)} tokens leaves no room in a context of {self.max_len}"
-            )
-        hashes = prompt_hashes(prompt)
+        for prompt in prompts:
+            if not prompt:
+                raise ValueError("empty prompt")
+            if len(prompt) + 1 > self.max_len:
+                raise ContextOverflow(
+                    f"prompt of {len(prompt)} tokens leaves no room in a context of {self.max_len}"
+                )
+        hashes = [prompt_hashes(prompt) for prompt in prompts]
         seqs: list[Sequence] = []
-        for chat, p in zip(chats, params, strict=True):
+        for i, (chat, p) in enumerate(zip(chats, params, strict=True)):
+            prompt = prompts[0 if fork else i]
             seqs.append(
                 Sequence(
                     id=GenerationId(next(self._ids)),
@@ -226,17 +249,21 @@ class Engine:
                     stop=StopMatcher((*p.stop, *turn_stops)),
                     eos_ids=self.tokenizer.eos_token_ids,
                     max_len=self.max_len,
-                    prefix_hashes=hashes,
-                    leader=seqs[0] if seqs else None,
+                    prefix_hashes=hashes[0 if fork else i],
+                    leader=seqs[0] if fork and seqs else None,
                 )
             )
         assert self._idle is not None
         self._idle.clear()
         with self._lock:
             positions = self._scheduler.add_all(seqs)
-            cached = min(self._kv.peek(chats[0], prompt, hashes), max(0, len(prompt) - 2))
+            cached = [
+                min(self._kv.peek(seq.chat, seq.prompt, seq.prefix_hashes), max(0, len(seq.prompt) - 2))
+                for seq in (seqs[:1] if fork else seqs)
+            ]
             streams = [
-                GenerationStream(self, seq, pos, cached) for seq, pos in zip(seqs, positions, strict=True)
+                GenerationStream(self, seq, pos, cached[0 if fork else i])
+                for i, (seq, pos) in enumerate(zip(seqs, positions, strict=True))
             ]
             for stream in streams:
                 self._streams[stream.id] = stream

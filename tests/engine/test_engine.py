@@ -376,3 +376,21 @@ async def test_a_fork_gives_each_choice_what_a_lone_run_gives(tiny_engine: Engin
             (await engine.submit(ChatKey(f"u{i}/x"), ids, p).result()).token_ids for i, p in enumerate(params)
         ]
     assert forked == alone
+
+
+async def test_a_batch_is_queued_all_or_none(tiny_engine: EngineFactory) -> None:
+    """``submit_batch``: more prompts than the queue holds queue none of them; a batch that fits
+    answers each prompt as a lone run does, in the order given."""
+    short = SamplingParams(temperature=0, max_tokens=6)
+    async with tiny_engine(max_batch=2, max_waiting=2) as engine:
+        ids = [prompt(engine, text) for text in ("North", "A longer prompt for the south", "East")]
+        with pytest.raises(QueueFull):
+            engine.submit_batch([ChatKey(f"u/b{i}") for i in range(3)], ids, [short] * 3)
+        assert engine.stats.waiting == 0
+        with pytest.raises(ValueError, match="one prompt"):
+            engine.submit_batch([ChatKey("u/b0")], ids[:2], [short])
+        streams = engine.submit_batch([ChatKey(f"u/b{i}") for i in range(2)], ids[:2], [short] * 2)
+        batched = [await s.result() for s in streams]
+        alone = [await engine.submit(ChatKey(f"u/a{i}"), p, short).result() for i, p in enumerate(ids[:2])]
+    assert [r.prompt_tokens for r in batched] == [len(p) for p in ids[:2]]
+    assert [r.token_ids for r in batched] == [r.token_ids for r in alone]

@@ -28,15 +28,45 @@ def ws_url(server: ChatServer) -> str:
     return f"ws://127.0.0.1:{server.port}/ws"
 
 
-@pytest.fixture
-def service_settings(database_url: str, tiny_model: PreparedModel, tmp_path: Path) -> ServiceSettings:
+def tiny_settings(database_url: str, tiny_model: PreparedModel, data_dir: Path) -> ServiceSettings:
+    """The tests' service: the tiny model on port 0."""
     return ServiceSettings(
         server=ServerSettings(port=0, ping_interval_s=None),
         engine=EngineSettings(threads=2, kv_slots=16, max_context=256),
-        data_dir=tmp_path,
+        data_dir=data_dir,
         database_url=database_url,
         models=(str(tiny_model.directory),),
     )
+
+
+@pytest.fixture
+def service_settings(database_url: str, tiny_model: PreparedModel, tmp_path: Path) -> ServiceSettings:
+    return tiny_settings(database_url, tiny_model, tmp_path)
+
+
+@asynccontextmanager
+async def serving(
+    service_settings: ServiceSettings, engine: dict[str, Any] | None = None, **overrides: Any
+) -> AsyncIterator[ChatServer]:
+    """A running service of these settings with ``engine`` and server ``overrides``; every
+    ``chat.v1`` frame it sends is checked against schema/."""
+    settings = dataclasses.replace(
+        service_settings,
+        server=dataclasses.replace(service_settings.server, **overrides),
+        engine=dataclasses.replace(service_settings.engine, **(engine or {})),
+    )
+    violations: list[str] = []
+
+    def check(frame: Mapping[str, Any]) -> None:
+        try:
+            validate_server_frame(dict(frame))
+        except Exception as exc:
+            violations.append(f"{exc}: {frame}")
+
+    async with running_service(settings) as server:
+        server.frame_observer = check
+        yield server
+    assert not violations, "frames that break schema/:\n" + "\n".join(violations)
 
 
 @pytest.fixture(scope="session")
@@ -54,25 +84,10 @@ def start_service(service_settings: ServiceSettings) -> ServiceFactory:
     """``async with start_service(engine={...}, **server_overrides) as server``: a running
     service; start it again (same database) to test a restart."""
 
-    @asynccontextmanager
-    async def running(engine: dict[str, Any] | None = None, **overrides: Any) -> AsyncIterator[ChatServer]:
-        settings = dataclasses.replace(
-            service_settings,
-            server=dataclasses.replace(service_settings.server, **overrides),
-            engine=dataclasses.replace(service_settings.engine, **(engine or {})),
-        )
-        violations: list[str] = []
-
-        def check(frame: Mapping[str, Any]) -> None:
-            try:
-                validate_server_frame(dict(frame))
-            except Exception as exc:
-                violations.append(f"{exc}: {frame}")
-
-        async with running_service(settings) as server:
-            server.frame_observer = check
-            yield server
-        assert not violations, "frames that break schema/:\n" + "\n".join(violations)
+    def running(
+        engine: dict[str, Any] | None = None, **overrides: Any
+    ) -> AbstractAsyncContextManager[ChatServer]:
+        return serving(service_settings, engine, **overrides)
 
     return running
 

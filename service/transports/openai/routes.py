@@ -8,7 +8,6 @@ for them.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import time
 import uuid
@@ -25,11 +24,11 @@ from starlette.routing import BaseRoute, Route
 from service.config import ServerSettings
 from service.core.chats import ChatCore
 from service.core.metrics import CancelCause
-from service.core.reply import Reply
 from service.engine.engine import Engine
 from service.engine.types import Delta, FinishReason, GenerationResult
 from service.errors import ModelError, ServiceError, StoreUnavailable
 from service.store.records import User
+from service.transports.http.held import HeldReplies
 from service.transports.http.pages import ANY_METHOD
 from service.transports.openai.errors import (
     ApiError,
@@ -46,21 +45,6 @@ from service.transports.openai.requests import (
 )
 
 _FINISH = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length"}
-_Event = tuple[int, Delta | GenerationResult]
-
-
-@dataclass(slots=True)
-class _QueueSink:
-    """Hands one choice's deltas and end to the request's queue."""
-
-    queue: asyncio.Queue[_Event]
-    index: int
-
-    def delta(self, delta: Delta) -> None:
-        self.queue.put_nowait((self.index, delta))
-
-    def done(self, reply: Reply, result: GenerationResult) -> None:
-        self.queue.put_nowait((self.index, result))
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,8 +56,7 @@ class _Job:
     model: str
     created: int
     prompt_tokens: int
-    replies: list[Reply]
-    queue: asyncio.Queue[_Event]
+    held: HeldReplies
     include_usage: bool
 
     def chunk_frame(self) -> tuple[bytes, bytes]:
@@ -106,11 +89,6 @@ class _Job:
             # The choices share one prompt: what the first found cached is what was reused.
             "prompt_tokens_details": {"cached_tokens": results[0].cached_tokens if results else 0},
         }
-
-    def cancel(self, cause: CancelCause) -> None:
-        for reply in self.replies:
-            if not reply.done.is_set():
-                reply.cancel(cause)
 
 
 def _failure(result: GenerationResult) -> ApiError | None:
@@ -261,17 +239,13 @@ class OpenAIApi:
             )
         except ServiceError as exc:
             raise from_service(exc, prompt_param) from None
-        queue: asyncio.Queue[_Event] = asyncio.Queue()
-        for index, reply in enumerate(replies):
-            reply.attach(_QueueSink(queue, index))
         job = _Job(
             chat=chat,
             id=f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
             model=model,
             created=int(time.time()),
             prompt_tokens=len(prompt),
-            replies=replies,
-            queue=queue,
+            held=HeldReplies(replies),
             include_usage=req.include_usage,
         )
         if req.stream:
@@ -295,15 +269,15 @@ async def _events(job: _Job) -> AsyncIterator[bytes]:
     choice, the usage chunk when asked for, then ``[DONE]``. Leaving early (the client
     closed the stream) cancels the choices still running."""
     head, tail = job.chunk_frame()
-    results: list[GenerationResult | None] = [None] * len(job.replies)
+    results: list[GenerationResult | None] = [None] * len(job.held.replies)
     try:
         if job.chat:
-            for index in range(len(job.replies)):
+            for index in range(len(job.held.replies)):
                 delta = {"role": "assistant", "content": ""}
                 choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": None}
                 yield head + orjson.dumps(choice) + tail
         while any(r is None for r in results):
-            index, event = await job.queue.get()
+            index, event = await job.held.next()
             if isinstance(event, Delta):
                 if event.text:
                     yield head + orjson.dumps(_piece(job, index, event.text, None)) + tail
@@ -311,7 +285,7 @@ async def _events(job: _Job) -> AsyncIterator[bytes]:
             results[index] = event
             failure = _failure(event)
             if failure is not None:
-                job.cancel(CancelCause.CLOSE)
+                job.held.cancel(CancelCause.CLOSE)
                 yield _data(orjson.loads(failure.response().body))
                 return
             yield head + orjson.dumps(_piece(job, index, None, _FINISH[event.reason])) + tail
@@ -320,7 +294,7 @@ async def _events(job: _Job) -> AsyncIterator[bytes]:
             yield _data(job.envelope([], chunk=True, usage=job.usage(finished)))
         yield _data("[DONE]")
     finally:
-        job.cancel(CancelCause.DISCONNECT)
+        job.held.cancel(CancelCause.DISCONNECT)
 
 
 def _piece(job: _Job, index: int, text: str | None, finish: str | None) -> dict[str, Any]:
@@ -332,18 +306,7 @@ def _piece(job: _Job, index: int, text: str | None, finish: str | None) -> dict[
 
 async def _whole(job: _Job, request: Request) -> Response:
     """Wait for every choice; a client that leaves meanwhile cancels them."""
-    ended: asyncio.Future[list[bool]] = asyncio.ensure_future(
-        asyncio.gather(*(r.done.wait() for r in job.replies))
-    )
-    left: asyncio.Future[None] = asyncio.ensure_future(_disconnected(request))
-    try:
-        await asyncio.wait([ended, left], return_when=asyncio.FIRST_COMPLETED)  # type: ignore[type-var]
-    finally:
-        left.cancel()
-        if not ended.done():
-            job.cancel(CancelCause.DISCONNECT)
-        await ended
-    results = [r.result for r in job.replies if r.result is not None]
+    results = await job.held.wait(request)
     for result in results:
         failure = _failure(result)
         if failure is not None:
@@ -357,11 +320,6 @@ async def _whole(job: _Job, request: Request) -> Response:
         else:
             choices.append({"index": index, "text": result.text, "logprobs": None, "finish_reason": finish})
     return JSONResponse(job.envelope(choices, chunk=False, usage=job.usage(results)))
-
-
-async def _disconnected(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
 
 
 def openai_routes(core: ChatCore, settings: ServerSettings) -> list[BaseRoute]:
