@@ -21,6 +21,7 @@ from service.core.conversation import Conversation, chat_key, replayed
 from service.core.metrics import CancelCause, Metrics
 from service.core.registry import Replies
 from service.core.reply import Finisher, Reply
+from service.engine.beam import ScorerName
 from service.engine.engine import Engine, GenerationStream
 from service.engine.prefix_index import common_prefix
 from service.engine.tokenizer import ChatMessage
@@ -261,6 +262,32 @@ class ChatCore:
         for reply in replies:
             reply.placed.set()
         return replies
+
+    def submit_beam(
+        self,
+        user: User,
+        engine: Engine,
+        prompt: list[int],
+        params: SamplingParams,
+        width: int,
+        *,
+        scorer: ScorerName,
+        sent_at: float,
+        turn_stops: tuple[str, ...] = (),
+    ) -> Reply:
+        """Start a beam search of ``width`` beams, kept in no chat (see ``Engine.submit_beam``).
+        Its beams count as ``width`` of the user's generations; its result is a ``BeamResult``."""
+        self._admitting()
+        running = sum(1 for r in self.replies.of_user(user.id) if r.chat_id is None)
+        if running + width > self.settings.max_sessions:
+            raise TooManyRequests(
+                f"at most {self.settings.max_sessions} generations at once per user; {running} are running"
+            )
+        key = chat_key(user.id, f"api-{uuid.uuid4()}")
+        stream = engine.submit_beam(key, prompt, params, width, scorer=scorer, turn_stops=turn_stops)
+        reply = self._reply(stream, user.id, None, prompt, sent_at)
+        reply.placed.set()
+        return reply
 
     # ---- replies -------------------------------------------------------------------------
 

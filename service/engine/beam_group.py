@@ -53,8 +53,6 @@ class BeamGroup:
 
     def advance(self) -> Delta | None:
         """The text of agreed tokens not streamed yet, if any is complete."""
-        if self.first_step_at is None:
-            self.first_step_at = time.perf_counter()
         text, _ = self._feed(self.search.agreed_prefix())
         return self._delta(text)
 

@@ -560,6 +560,8 @@ class Engine:
         """One step of a beam search: ``logits[i]`` belong to ``group.live[i]``. A parent with
         children keeps its sequence and slot for the first; each other child takes a sequence
         that carries no surviving beam, and a copy of its parent's cache."""
+        if group.first_step_at is None:
+            group.first_step_at = time.perf_counter()
         try:
             outcome = group.search.step(logits)
         except Exception as exc:
