@@ -128,9 +128,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def table(data: dict[str, Any]) -> str:
-    rows = [
-        ["greedy", fmt(data["greedy_median_wall_ms"]), fmt(data["greedy_median_step_ms"], 2), "1.00", "1", "-"]
-    ]
+    greedy = [fmt(data["greedy_median_wall_ms"]), fmt(data["greedy_median_step_ms"], 2), "1.00", "1", "-"]
+    rows = [["greedy", *greedy]]
     for name, s in data["summary"].items():
         rows.append(
             [
@@ -147,7 +146,9 @@ def table(data: dict[str, Any]) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data-dir", type=Path, default=REPO_ROOT / ".cache", help="model cache")
     parser.add_argument("--precision", choices=[p.value for p in Precision], default=Precision.INT8.value)
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2)")

@@ -278,7 +278,7 @@ class ChatCore:
         """Start a beam search of ``width`` beams, kept in no chat (see ``Engine.submit_beam``).
         Its beams count as ``width`` of the user's generations; its result is a ``BeamResult``."""
         self._admitting()
-        running = sum(1 for r in self.replies.of_user(user.id) if r.chat_id is None)
+        running = sum(r.stream.rows for r in self.replies.of_user(user.id) if r.chat_id is None)
         if running + width > self.settings.max_sessions:
             raise TooManyRequests(
                 f"at most {self.settings.max_sessions} generations at once per user; {running} are running"

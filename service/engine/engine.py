@@ -75,6 +75,7 @@ class GenerationStream:
         self.prompt_tokens = len(seq.prompt)
         self.queue_position = queue_position
         self.cached_tokens = cached_estimate
+        self.rows = 1  # places in the batch it holds (a beam search: its width)
 
     def __aiter__(self) -> AsyncIterator[Delta]:
         return self
@@ -243,7 +244,9 @@ class Engine:
         )
         for seq in members:
             seq.beam = group
-        return self._queue(chat, prompt, hashes, members)[0]
+        stream = self._queue(chat, prompt, hashes, members)[0]
+        stream.rows = width
+        return stream
 
     def _check_prompt(self, prompt: list[int], params: list[SamplingParams]) -> None:
         if self._loop is None:
