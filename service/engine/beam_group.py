@@ -16,7 +16,7 @@ import time
 from collections import abc
 from dataclasses import dataclass, field
 
-from service.engine.beam import BeamSearch, Hypothesis
+from service.engine.beam import BeamSearch, Hypothesis, ScorerName
 from service.engine.sequence import Sequence
 from service.engine.stopping import StopMatcher
 from service.engine.tokenizer import ChatTokenizer, IncrementalDetokenizer
@@ -42,14 +42,33 @@ class BeamGroup:
         self._detokenizer = self.tokenizer.detokenizer()
         self._stop = StopMatcher(self.stops)
 
+    @classmethod
+    def create(
+        cls,
+        members: list[Sequence],
+        tokenizer: ChatTokenizer,
+        stops: tuple[str, ...],
+        *,
+        width: int,
+        max_tokens: int,
+        scorer: ScorerName,
+    ) -> BeamGroup:
+        def stopped(tokens: abc.Sequence[int]) -> bool:
+            text = tokenizer.decode(tokens, skip_special_tokens=True)
+            return any(stop in text for stop in stops)
+
+        search = BeamSearch(
+            width=width,
+            max_tokens=max_tokens,
+            eos_ids=tokenizer.eos_token_ids,
+            scorer=scorer,
+            stopped=stopped if stops else None,
+        )
+        return cls(search, members, tokenizer, stops)
+
     @property
     def leader(self) -> Sequence:
         return self.members[0]
-
-    def stopped(self, tokens: abc.Sequence[int]) -> bool:
-        """Whether a beam's text holds a stop string (for ``BeamSearch``)."""
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        return any(stop in text for stop in self.stops)
 
     def advance(self) -> Delta | None:
         """The text of agreed tokens not streamed yet, if any is complete."""

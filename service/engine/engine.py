@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from service.config import EngineSettings
-from service.engine.beam import BeamSearch, ScorerName
+from service.engine.beam import ScorerName
 from service.engine.beam_group import BeamGroup
 from service.engine.kv_cache import CacheEntry, KVCacheManager, NoFreeSlot, Reuse
 from service.engine.model_runner import ModelRunner
@@ -229,18 +229,9 @@ class Engine:
         stops = (*params.stop, *turn_stops)
         hashes = prompt_hashes(prompt)
         members = [self._sequence(chat, prompt, params, stops, hashes, None) for _ in range(width)]
-        group = BeamGroup(
-            search=BeamSearch(width=1, max_tokens=1, eos_ids=frozenset()),
-            members=members,
-            tokenizer=self.tokenizer,
-            stops=stops,
-        )
-        group.search = BeamSearch(
-            width=width,
-            max_tokens=min(params.max_tokens, self.max_len - len(prompt)),
-            eos_ids=self.tokenizer.eos_token_ids,
-            scorer=scorer,
-            stopped=group.stopped if stops else None,
+        max_tokens = min(params.max_tokens, self.max_len - len(prompt))
+        group = BeamGroup.create(
+            members, self.tokenizer, stops, width=width, max_tokens=max_tokens, scorer=scorer
         )
         for seq in members:
             seq.beam = group

@@ -14,11 +14,16 @@ import pytest
 
 from service.config import EngineSettings
 from service.engine.beam import ScorerName, log_softmax, score
+from service.engine.beam_group import BeamGroup
 from service.engine.engine import Engine, GenerationStream
 from service.engine.loader import load_engine
 from service.engine.models.registry import PreparedModel
 from service.engine.runner import Runner
-from service.engine.types import BeamResult, ChatKey, Delta, FinishReason, SamplingParams
+from service.engine.sampling import Sampler
+from service.engine.sequence import Sequence
+from service.engine.stopping import StopMatcher
+from service.engine.tokenizer import ChatTokenizer
+from service.engine.types import BeamResult, ChatKey, Delta, FinishReason, GenerationId, SamplingParams
 from service.errors import InvalidParams
 from tests.engine.conftest import EngineFactory
 
@@ -218,3 +223,64 @@ async def test_cancel_ends_the_whole_search_within_one_step(
         assert result.steps == 5  # the first token came from the prefill's logits
         assert engine.stats.running == 0
         assert engine.stats.resident_tokens <= len(ids) + 5  # only the chat key's cache stays
+
+
+# ---- the streamed text of a search (BeamGroup), driven token by token ------------------------------
+
+
+def forced_group(tokenizer: ChatTokenizer, stops: tuple[str, ...], max_tokens: int) -> BeamGroup:
+    params = SamplingParams(max_tokens=max_tokens)
+    leader = Sequence(
+        id=GenerationId(1),
+        chat=ChatKey("u/b"),
+        prompt=[1, 2, 3],
+        params=params,
+        sampler=Sampler(params),
+        detokenizer=tokenizer.detokenizer(),
+        stop=StopMatcher(stops),
+        eos_ids=tokenizer.eos_token_ids,
+        max_len=256,
+    )
+    return BeamGroup.create([leader], tokenizer, stops, width=1, max_tokens=max_tokens, scorer="logprob")
+
+
+def drive(group: BeamGroup, tokens: list[int]) -> list[Delta]:
+    """Make width 1 choose ``tokens`` in turn, streaming as the engine does: no early delta from
+    the step that ends the search."""
+    deltas = []
+    for token in tokens:
+        row = np.full((1, group.tokenizer.vocab_size), -20.0, dtype=np.float32)
+        row[0, token] = 20.0
+        if group.search.step(row).over:
+            break
+        if (delta := group.advance()) is not None:
+            deltas.append(delta)
+    return deltas
+
+
+def test_a_character_split_across_tokens_is_held_back(tiny_model: PreparedModel) -> None:
+    """The three byte tokens of one character stream as one delta once the last arrives."""
+    tokenizer = ChatTokenizer.from_dir(tiny_model.directory)
+    text = "A 🦩 and 鬱"
+    tokens = tokenizer.encode(text)
+    group = forced_group(tokenizer, (), max_tokens=50)
+    deltas = drive(group, [*tokens, min(tokenizer.eos_token_ids)])
+    result = group.result(None)
+    assert all("\ufffd" not in d.text for d in deltas)
+    assert [d.text for d in deltas][:3] == ["A", " 🦩", " and"]
+    assert deltas[1].tokens == 3
+    assert "".join(d.text for d in deltas) + result.tail == result.text == text
+    assert result.streamed_early == sum(d.tokens for d in deltas) == len(tokens)
+
+
+def test_a_stop_string_ends_the_winner_and_is_never_streamed(tiny_model: PreparedModel) -> None:
+    """A base model's turn stop: text that may start it is held back, the beam ends on it with
+    reason stop, and the answer is cut before it."""
+    tokenizer = ChatTokenizer.from_dir(tiny_model.directory)
+    group = forced_group(tokenizer, ("\nUser:",), max_tokens=50)
+    deltas = drive(group, tokenizer.encode("Paris.\nUser: hi"))
+    result = group.result(None)
+    assert "".join(d.text for d in deltas) == "Paris."
+    assert result.text == "Paris."
+    assert result.reason is FinishReason.STOP
+    assert result.candidates[0].text == "Paris."
