@@ -10,6 +10,7 @@ message is stored before generation starts, as the contract says).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import uuid
 from collections.abc import Callable, Mapping
@@ -25,8 +26,16 @@ from service.engine.beam import ScorerName
 from service.engine.engine import Engine, GenerationStream
 from service.engine.prefix_index import common_prefix
 from service.engine.tokenizer import ChatMessage
-from service.engine.types import FinishReason, GenerationResult, SamplingParams
-from service.errors import Busy, Draining, InvalidParams, NotFound, ServiceError, TooManyRequests
+from service.engine.types import BeamResult, FinishReason, GenerationResult, SamplingParams
+from service.errors import (
+    Busy,
+    Draining,
+    InvalidParams,
+    ModelError,
+    NotFound,
+    ServiceError,
+    TooManyRequests,
+)
 from service.model_pool import ModelPool
 from service.protocol import codec, frames
 from service.store.records import Completion, StoredMessage, User, parse_id
@@ -288,6 +297,49 @@ class ChatCore:
         reply = self._reply(stream, user.id, None, prompt, sent_at)
         reply.placed.set()
         return reply
+
+    async def rerank(
+        self, user: User, result: BeamResult, messages: list[ChatMessage], model_id: str
+    ) -> BeamResult:
+        """``result`` with its candidates re-ranked by ``model_id`` (the ``--reranker``): each
+        candidate's text, tokenized by that model and following the conversation under its
+        template, scores the mean log-probability of its tokens (teacher-forced, all candidates
+        in one engine fork). A candidate without text is not scored and ranks last. The winner
+        may change; every candidate starts with the text already streamed (see ``beam.py``,
+        scorer ``reranker``), so the new tail follows it."""
+        engine = await self.engine(model_id)
+        prompt = engine.tokenizer.prompt_ids(messages)
+        texts = [(i, engine.tokenizer.encode(c.text)) for i, c in enumerate(result.candidates)]
+        texts = [(i, tokens) for i, tokens in texts if tokens]
+        scores: dict[int, float] = {}
+        if texts:
+            keys = [chat_key(user.id, f"api-{uuid.uuid4()}") for _ in texts]
+            streams = engine.submit_scoring(keys, prompt, [tokens for _, tokens in texts])
+            try:
+                for (index, _), stream in zip(texts, streams, strict=True):
+                    scored = await stream.result()
+                    if scored.reason in (FinishReason.ERROR, FinishReason.CANCELLED):
+                        raise ModelError(f"the reranker failed: {scored.error or scored.reason.value}")
+                    scores[index] = scored.extra["logprob"] / scored.extra["scored_tokens"]
+            finally:
+                for stream in streams:
+                    stream.cancel()
+        order = sorted(range(len(result.candidates)), key=lambda i: (i not in scores, -scores.get(i, 0.0), i))
+        candidates = [dataclasses.replace(result.candidates[i], score=scores.get(i)) for i in order]
+        winner = candidates[0]
+        early = result.text[: len(result.text) - len(result.tail)]
+        if not winner.text.startswith(early):
+            raise ModelError("a reranked candidate does not start with the streamed text")
+        return dataclasses.replace(
+            result,
+            reason=winner.reason,
+            text=winner.text,
+            token_ids=winner.token_ids,
+            completion_tokens=len(winner.token_ids),
+            tail=winner.text[len(early) :],
+            candidates=candidates,
+            scorer=f"reranker:{model_id}",
+        )
 
     # ---- replies -------------------------------------------------------------------------
 

@@ -17,7 +17,10 @@ under the model). Each :meth:`BeamSearch.step` takes one row of logits per live 
 **The scorer** decides the winner among the finished hypotheses: ``logprob`` (the cumulative
 log-probability, what the search itself ranks by) or ``length_normalised`` (the cumulative
 log-probability divided by the number of generated tokens, the end token included; the
-re-ranking of ``use_rerank``). Only the ``width`` best finished hypotheses are kept.
+re-ranking of ``use_rerank``), or ``reranker``: another model scores the finished hypotheses
+once the search is over (the service's ``--reranker``), so while it runs any kept hypothesis may
+still win. Only the ``width`` best finished hypotheses are kept (for ``reranker``, best by the
+length-normalised log-probability); the others are no candidates.
 
 **Which hypotheses can still win, and the agreed prefix.** A finished hypothesis's score never
 changes, and ties go to the one that finished first; so among the finished only the best can
@@ -26,15 +29,19 @@ continuation has a log-probability at most the beam's (log-probabilities are <= 
 ``max_tokens`` tokens, so the best score a continuation can reach is the beam's log-probability
 (``logprob``) or its log-probability over ``max_tokens`` (``length_normalised``, a negative
 number over the longest length). A live beam whose bound does not beat the best finished score
-is dropped; the search is over when no live beam is left. The **agreed prefix** is the longest
-common prefix of every hypothesis that can still win (the live beams and the best finished
-one): whatever the search does next, the winner starts with it, so it can be streamed at once.
-It only grows: everything that can win after a step continues (or is) something that could win
-before it, because a step never raises a beam's bound nor lowers the best finished score.
+is dropped; the search is over when no live beam is left. Under ``reranker`` nothing is known of
+the final scores: every kept hypothesis and every live beam can still win, and no beam is dropped.
+The **agreed prefix** is the longest common prefix of every hypothesis that can still win (the
+live beams and the best finished one; under ``reranker`` every kept one): whatever the search
+does next, the winner starts with it, so it can be streamed at once. It only grows: everything
+that can win after a step continues (or is) something that could win before it, because a step
+never raises a beam's bound nor lowers the best finished score (and under ``reranker`` a kept
+hypothesis either stays kept or stops being a candidate).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -44,12 +51,13 @@ import numpy.typing as npt
 
 from service.engine.types import FinishReason
 
-ScorerName = Literal["logprob", "length_normalised"]
-SCORERS: tuple[ScorerName, ...] = ("logprob", "length_normalised")
+ScorerName = Literal["logprob", "length_normalised", "reranker"]
+SCORERS: tuple[ScorerName, ...] = ("logprob", "length_normalised", "reranker")
 
 
 def score(scorer: ScorerName, logprob: float, length: int) -> float:
-    """A finished hypothesis's score under ``scorer``."""
+    """A finished hypothesis's score under ``scorer`` (for ``reranker``, the provisional one that
+    decides which hypotheses are kept)."""
     if scorer == "logprob":
         return logprob
     return logprob / max(length, 1)
@@ -59,6 +67,8 @@ def bound(scorer: ScorerName, logprob: float, max_tokens: int) -> float:
     """The best score any continuation of a live beam with this log-probability can reach."""
     if scorer == "logprob":
         return logprob
+    if scorer == "reranker":
+        return math.inf
     return logprob / max_tokens
 
 
@@ -192,7 +202,8 @@ class BeamSearch:
 
     def contenders(self) -> list[tuple[int, ...]]:
         """The tokens of every hypothesis that can still win (see the module docstring)."""
-        return [b.tokens for b in self.live] + [h.tokens for h in self.finished[:1]]
+        contending = self.finished if self.scorer == "reranker" else self.finished[:1]
+        return [b.tokens for b in self.live] + [h.tokens for h in contending]
 
     def agreed_prefix(self) -> tuple[int, ...]:
         """The tokens every hypothesis that can still win starts with."""

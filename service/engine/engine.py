@@ -27,7 +27,7 @@ from service.engine.beam_group import BeamGroup
 from service.engine.kv_cache import CacheEntry, KVCacheManager, NoFreeSlot, Reuse
 from service.engine.model_runner import ModelRunner
 from service.engine.prefix_index import owner_of, prompt_hashes
-from service.engine.sampling import Sampler
+from service.engine.sampling import ForcedSampler, Sampler
 from service.engine.scheduler import DecodeStep, PrefillStep, Scheduler
 from service.engine.sequence import Phase, Sequence
 from service.engine.stopping import StopMatcher
@@ -238,6 +238,26 @@ class Engine:
         stream = self._queue(chat, prompt, hashes, members)[0]
         stream.rows = width
         return stream
+
+    def submit_scoring(
+        self, chats: list[ChatKey], prompt: list[int], continuations: list[list[int]]
+    ) -> list[GenerationStream]:
+        """Score each of ``continuations`` after ``prompt`` (teacher forcing): a fork whose
+        generations take the given tokens instead of sampling; each result's ``extra`` holds
+        ``logprob`` (their summed log-probability) and ``scored_tokens`` (fewer than given when
+        the context ends first). The prompt is prefilled once; the continuations decode together.
+        For a reranker. Every continuation must be non-empty."""
+        if not chats or len(chats) != len(continuations) or not all(continuations):
+            raise ValueError("submit_scoring takes one key per non-empty continuation")
+        self._check_prompt(prompt, [])
+        hashes = prompt_hashes(prompt)
+        seqs: list[Sequence] = []
+        for chat, tokens in zip(chats, continuations, strict=True):
+            params = SamplingParams(max_tokens=len(tokens), temperature=0.0)
+            seq = self._sequence(chat, prompt, params, (), hashes, seqs[0] if seqs else None)
+            seq.sampler = ForcedSampler(params, tokens)
+            seqs.append(seq)
+        return self._queue(chats[0], prompt, hashes, seqs)
 
     def _check_prompt(self, prompt: list[int], params: list[SamplingParams]) -> None:
         if self._loop is None:

@@ -137,4 +137,5 @@ class Sequence:
             total_ms=(end - self.submitted_at) * 1000,
             tokens_per_s=rate,
             error=self.error,
+            extra=self.sampler.report(),
         )

@@ -107,7 +107,7 @@ class BeamCandidate:
     text: str
     token_ids: list[int]
     logprob: float  # cumulative log-probability of its tokens under the model
-    score: float  # under the search's scorer
+    score: float | None  # under the scorer (None: a reranker had no text of it to score)
     reason: FinishReason
 
 

@@ -4,12 +4,22 @@ frames checked against schema/openapi.yaml, limits, and a client that leaves mid
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from typing import Any
 
 import httpx
+import numpy as np
 import orjson
+import pytest
 
+from service.app import running_service
+from service.config import EngineSettings, ServiceSettings
 from service.core.reply import Reply
+from service.engine.beam import log_softmax
+from service.engine.loader import load_engine
+from service.engine.models.registry import PreparedModel
+from service.engine.runner import Runner
+from service.engine.tokenizer import ChatTokenizer
 from service.engine.types import BeamResult, FinishReason
 from service.server import ChatServer
 from tests.engine_gate import GateFactory
@@ -110,3 +120,45 @@ async def test_a_client_that_leaves_cancels_the_search_within_one_step(
 def _result(reply: Reply) -> BeamResult:
     assert isinstance(reply.result, BeamResult)
     return reply.result
+
+
+def mean_logprob(runner: Runner, prompt: list[int], tokens: list[int]) -> float:
+    """The mean log-probability of ``tokens`` after ``prompt``, teacher-forced on a bare runner (the
+    prompt in one prefill, then one token per decode step, as the engine computes them)."""
+    logits = runner.forward(0, np.asarray([prompt], dtype=np.int64), [0])
+    total = 0.0
+    for i, token in enumerate(tokens):
+        total += float(log_softmax(logits[0:1])[0, token])
+        logits = runner.forward(0, np.asarray([[token]], dtype=np.int64), [len(prompt) + i])
+    return total / len(tokens)
+
+
+async def test_a_reranker_model_ranks_the_candidates(
+    service_settings: ServiceSettings, tiny_base_model: PreparedModel
+) -> None:
+    """With ``--reranker`` another offered model (another vocabulary here) scores each candidate's
+    text by its mean log-probability, recomputed here on a bare runner; the best score wins and the
+    frames still add up to it."""
+    reranker = tiny_base_model.directory.name
+    settings = dataclasses.replace(
+        service_settings,
+        models=(*service_settings.models, str(tiny_base_model.directory)),
+        server=dataclasses.replace(service_settings.server, reranker=reranker),
+    )
+    body = {"messages": ["Bonjour"], "beam_width": 3, "max_tokens": 6, "use_rerank": True}
+    async with running_service(settings) as server:
+        _, events = await stream(server, body)
+    *early, tail, done = events
+    assert done["scorer"] == f"reranker:{reranker}"
+    candidates = done["candidates"]
+    assert "".join(e["text"] for e in early) + tail["text"] == candidates[0]["text"]
+    assert tail["index"] + tail["tokens"] == done["total_tokens"] == candidates[0]["tokens"]
+    scores = [c["score"] for c in candidates]
+    assert scores == sorted(scores, reverse=True)
+    tokenizer = ChatTokenizer.from_dir(tiny_base_model.directory)
+    runner = load_engine(tiny_base_model, EngineSettings(threads=2, kv_slots=2, max_context=256)).runner
+    assert isinstance(runner, Runner)
+    prompt = tokenizer.prompt_ids([{"role": "user", "content": "Bonjour"}])
+    for candidate in candidates:
+        expected = mean_logprob(runner, prompt, tokenizer.encode(candidate["text"]))
+        assert candidate["score"] == pytest.approx(expected, abs=1e-3)

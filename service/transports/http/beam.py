@@ -15,15 +15,17 @@ Beams follow the model's own log-probabilities: ``temperature``, ``top_p`` and t
 sampling fields are ignored. ``beam_width`` is at most ``MAX_BEAM_WIDTH`` (and the engine's
 batch), else 400. The winner is the finished beam with the best cumulative log-probability; with
 ``"use_rerank": true`` the best length-normalised log-probability (cumulative log-probability
-over the number of tokens). Nothing is stored: the request is in no chat. A client that goes
-away cancels the search within one decode step.
+over the number of tokens), or, when the server runs with ``--reranker MODEL``, the best mean
+log-probability of its text under that model (``ChatCore.rerank``; scorer ``reranker:MODEL``).
+Nothing is stored: the request is in no chat. A client that goes away cancels the search (or
+its re-ranking) within one decode step.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,10 +34,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from service.config import ServerSettings
+from service.core.chats import ChatCore
 from service.core.metrics import CancelCause
 from service.core.reply import Reply
 from service.engine.beam import ScorerName
 from service.engine.types import BeamResult, Delta, FinishReason, GenerationResult
+from service.errors import ModelError, ServiceError
 from service.transports.http.plain import PlainError, PlainRoutes, data_event, messages_from
 
 MAX_BEAM_WIDTH = 8
@@ -63,6 +68,12 @@ def _int(body: dict[str, Any], name: str, default: int | None) -> int | None:
 
 
 class BeamRoutes(PlainRoutes):
+    def __init__(self, core: ChatCore, settings: ServerSettings) -> None:
+        super().__init__(core, settings)
+        if settings.reranker is not None and settings.reranker not in core.models:
+            offered = ", ".join(m["id"] for m in core.models.describe())
+            raise ModelError(f"--reranker {settings.reranker!r} is not an offered model ({offered})")
+
     def routes(self) -> list[BaseRoute]:
         return [Route("/stream_chat_beam", self.endpoint(self.stream_chat_beam), methods=["POST"])]
 
@@ -79,7 +90,8 @@ class BeamRoutes(PlainRoutes):
         rerank = body.get("use_rerank", False)
         if not isinstance(rerank, bool):
             raise PlainError(400, "use_rerank must be true or false")
-        scorer: ScorerName = "length_normalised" if rerank else "logprob"
+        reranker = self.settings.reranker if rerank else None
+        scorer: ScorerName = "logprob" if not rerank else "reranker" if reranker else "length_normalised"
         model, engine = await self.engine(body.get("model"))
         given = {} if max_tokens is None else {"max_tokens": max_tokens}
         params = self.core.sampling(given)  # InvalidParams past the server's max_tokens: 400
@@ -96,11 +108,20 @@ class BeamRoutes(PlainRoutes):
         )
         queue: asyncio.Queue[Delta | GenerationResult] = asyncio.Queue()
         reply.attach(_QueueSink(queue))
-        return self.events(_events(reply, queue, model))
+
+        async def finish(result: BeamResult) -> BeamResult:
+            if reranker is None:
+                return result
+            return await self.core.rerank(user, result, messages, reranker)
+
+        return self.events(_events(reply, queue, model, finish))
 
 
 async def _events(
-    reply: Reply, queue: asyncio.Queue[Delta | GenerationResult], model: str
+    reply: Reply,
+    queue: asyncio.Queue[Delta | GenerationResult],
+    model: str,
+    finish: Callable[[BeamResult], Awaitable[BeamResult]],
 ) -> AsyncIterator[ServerSentEvent]:
     """The stream; leaving it early (the client went away) cancels the search."""
     try:
@@ -115,6 +136,11 @@ async def _events(
                 return
             if event.reason is FinishReason.CANCELLED or not isinstance(event, BeamResult):
                 yield data_event({"error": "the beam search was cancelled by the server"})
+                return
+            try:
+                event = await finish(event)
+            except ServiceError as exc:
+                yield data_event({"error": str(exc)})
                 return
             tail_tokens = event.completion_tokens - event.streamed_early
             yield data_event(_piece("winner_tail", event.tail, event.streamed_early, tail_tokens))
