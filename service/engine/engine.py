@@ -235,7 +235,7 @@ class Engine:
         )
         for seq in members:
             seq.beam = group
-        stream = self._queue(chat, prompt, hashes, members)[0]
+        stream = self._queue(members, shared=True)[0]
         stream.rows = width
         return stream
 
@@ -257,7 +257,7 @@ class Engine:
             seq = self._sequence(chat, prompt, params, (), hashes, seqs[0] if seqs else None)
             seq.sampler = ForcedSampler(params, tokens)
             seqs.append(seq)
-        return self._queue(chats[0], prompt, hashes, seqs)
+        return self._queue(seqs, shared=True)
 
     def _check_prompt(self, prompt: list[int], params: list[SamplingParams]) -> None:
         if self._loop is None:
@@ -308,21 +308,25 @@ class Engine:
             seqs.append(
                 self._sequence(chat, prompt, p, (*p.stop, *turn_stops), hashes, seqs[0] if seqs else None)
             )
-        return self._queue(chats[0], prompt, hashes, seqs)
+        return self._queue(seqs, shared=True)
 
-    def _queue(
-        self, chat: ChatKey, prompt: list[int], hashes: list[int], seqs: list[Sequence]
-    ) -> list[GenerationStream]:
-        """Queue ``seqs``, all or none; a stream for each, but one for a beam search."""
+    def _queue(self, seqs: list[Sequence], *, shared: bool) -> list[GenerationStream]:
+        """Queue ``seqs``, all or none; a stream for each, but one for a beam search. ``shared``:
+        they continue the first one's prompt (a fork, a beam search), whose cached estimate
+        every stream reports."""
         assert self._idle is not None
         self._idle.clear()
         with self._lock:
             positions = self._scheduler.add_all(seqs)
-            cached = min(self._kv.peek(chat, prompt, hashes), max(0, len(prompt) - 2))
+            cached = [
+                min(self._kv.peek(seq.chat, seq.prompt, seq.prefix_hashes), max(0, len(seq.prompt) - 2))
+                for seq in (seqs[:1] if shared else seqs)
+            ]
             if seqs[0].beam is not None:
                 seqs, positions = seqs[:1], positions[:1]
             streams = [
-                GenerationStream(self, seq, pos, cached) for seq, pos in zip(seqs, positions, strict=True)
+                GenerationStream(self, seq, pos, cached[0 if shared else i])
+                for i, (seq, pos) in enumerate(zip(seqs, positions, strict=True))
             ]
             for stream in streams:
                 self._streams[stream.id] = stream
