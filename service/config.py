@@ -59,6 +59,7 @@ class ServerSettings:
     max_body_bytes: int = 1024 * 1024  # an HTTP API request body larger than this: 413
     sse_keepalive_s: float = 15.0  # a streaming API response sends a comment line this often
     max_batch_prompts: int = 16  # prompts of one POST /generate_batch; more: 413
+    reranker: str | None = None  # an offered model that re-ranks beam search candidates (use_rerank)
     allowed_origins: tuple[str, ...] = ()  # browser origins besides the service's own
     allowed_hosts: tuple[str, ...] = ()  # Host names besides localhost, the --host and this machine's
 

@@ -71,6 +71,13 @@ def _parser(prog: str = "python -m service") -> argparse.ArgumentParser:
         metavar="NAME",
         help="also answer to this Host name (IP literals, localhost and --host always work; repeatable)",
     )
+    net.add_argument(
+        "--reranker",
+        default=None,
+        metavar="MODEL",
+        help="an offered model (its --model id) that scores the candidates of /stream_chat_beam "
+        "with use_rerank (default: their length-normalised log-probability)",
+    )
     replicas = parser.add_argument_group("replicas (several processes on one database: docs/scaling.md)")
     replicas.add_argument(
         "--instance-name",
@@ -134,6 +141,7 @@ def settings_from_args(args: argparse.Namespace) -> ServiceSettings:
             disconnect_grace_s=args.disconnect_grace,
             allowed_origins=tuple(args.allowed_origin),
             allowed_hosts=tuple(args.allowed_host),
+            reranker=args.reranker,
             **limits,
         ),
         engine=engine_settings(args),

@@ -10,6 +10,7 @@ message is stored before generation starts, as the contract says).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import uuid
 from collections.abc import Callable, Mapping
@@ -21,11 +22,20 @@ from service.core.conversation import Conversation, chat_key, replayed
 from service.core.metrics import CancelCause, Metrics
 from service.core.registry import Replies
 from service.core.reply import Finisher, Reply
+from service.engine.beam import ScorerName
 from service.engine.engine import Engine, GenerationStream
 from service.engine.prefix_index import common_prefix
 from service.engine.tokenizer import ChatMessage
-from service.engine.types import ChatKey, FinishReason, GenerationResult, SamplingParams
-from service.errors import Busy, Draining, InvalidParams, NotFound, ServiceError, TooManyRequests
+from service.engine.types import BeamResult, ChatKey, FinishReason, GenerationResult, SamplingParams
+from service.errors import (
+    Busy,
+    Draining,
+    InvalidParams,
+    ModelError,
+    NotFound,
+    ServiceError,
+    TooManyRequests,
+)
 from service.model_pool import ModelPool
 from service.protocol import codec, frames
 from service.store.records import Completion, StoredMessage, User, parse_id
@@ -270,12 +280,13 @@ class ChatCore:
         streams = engine.submit_batch(keys, prompts, [params] * len(prompts), turn_stops=turn_stops)
         return self._stateless_replies(user, streams, prompts, sent_at)
 
-    def _stateless_keys(self, user: User, count: int) -> list[ChatKey]:
-        """Fresh cache keys of the user's for ``count`` more stateless generations; raises
-        ``Draining`` or ``TooManyRequests`` (past ``max_sessions`` running at once)."""
+    def _stateless_keys(self, user: User, count: int, *, rows: int | None = None) -> list[ChatKey]:
+        """Fresh cache keys of the user's for ``count`` more stateless generations taking
+        ``rows`` decode rows in all (default ``count``; a beam search takes its width); raises
+        ``Draining`` or ``TooManyRequests`` (past ``max_sessions`` rows running at once)."""
         self._admitting()
-        running = sum(1 for r in self.replies.of_user(user.id) if r.chat_id is None)
-        if running + count > self.settings.max_sessions:
+        running = sum(r.stream.rows for r in self.replies.of_user(user.id) if r.chat_id is None)
+        if running + (count if rows is None else rows) > self.settings.max_sessions:
             raise TooManyRequests(
                 f"at most {self.settings.max_sessions} generations at once per user; {running} are running"
             )
@@ -291,6 +302,67 @@ class ChatCore:
         for reply in replies:
             reply.placed.set()
         return replies
+
+    def submit_beam(
+        self,
+        user: User,
+        engine: Engine,
+        prompt: list[int],
+        params: SamplingParams,
+        width: int,
+        *,
+        scorer: ScorerName,
+        sent_at: float,
+        turn_stops: tuple[str, ...] = (),
+    ) -> Reply:
+        """Start a beam search of ``width`` beams, kept in no chat (see ``Engine.submit_beam``).
+        Its beams count as ``width`` of the user's generations; its result is a ``BeamResult``."""
+        (key,) = self._stateless_keys(user, 1, rows=width)
+        stream = engine.submit_beam(key, prompt, params, width, scorer=scorer, turn_stops=turn_stops)
+        return self._stateless_replies(user, [stream], [prompt], sent_at)[0]
+
+    async def rerank(
+        self, user: User, result: BeamResult, messages: list[ChatMessage], model_id: str
+    ) -> BeamResult:
+        """``result`` with its candidates re-ranked by ``model_id`` (the ``--reranker``): each
+        candidate's text, tokenized by that model and following the conversation under its
+        template, scores the mean log-probability of its tokens (teacher-forced, all candidates
+        in one engine fork). A candidate without text is not scored and ranks last. The winner
+        may change; every candidate starts with the text already streamed (see ``beam.py``,
+        scorer ``reranker``), so the new tail follows it."""
+        engine = await self.engine(model_id)
+        prompt = engine.tokenizer.prompt_ids(messages)
+        texts = [(i, engine.tokenizer.encode(c.text)) for i, c in enumerate(result.candidates)]
+        texts = [(i, tokens) for i, tokens in texts if tokens]
+        scores: dict[int, float] = {}
+        if texts:
+            keys = [chat_key(user.id, f"api-{uuid.uuid4()}") for _ in texts]
+            streams = engine.submit_scoring(keys, prompt, [tokens for _, tokens in texts])
+            try:
+                for (index, _), stream in zip(texts, streams, strict=True):
+                    scored = await stream.result()
+                    if scored.reason in (FinishReason.ERROR, FinishReason.CANCELLED):
+                        raise ModelError(f"the reranker failed: {scored.error or scored.reason.value}")
+                    scores[index] = scored.extra["logprob"] / scored.extra["scored_tokens"]
+            finally:
+                for stream in streams:
+                    stream.cancel()
+        order = sorted(range(len(result.candidates)), key=lambda i: (i not in scores, -scores.get(i, 0.0), i))
+        candidates = [dataclasses.replace(result.candidates[i], score=scores.get(i)) for i in order]
+        winner = candidates[0]
+        early = result.text[: len(result.text) - len(result.tail)]
+        if not winner.text.startswith(early):
+            raise ModelError("a reranked candidate does not start with the streamed text")
+        return dataclasses.replace(
+            result,
+            reason=winner.reason,
+            text=winner.text,
+            token_ids=winner.token_ids,
+            completion_tokens=len(winner.token_ids),
+            tail=winner.text[len(early) :],
+            candidates=candidates,
+            scorer=f"reranker:{model_id}",
+        )
 
     # ---- replies -------------------------------------------------------------------------
 

@@ -1,10 +1,10 @@
 """The engine: one worker thread runs the model; the event loop only hands work in and
 drains results out.
 
-``Engine.submit`` returns a ``GenerationStream`` at once: an async iterator of ``Delta``
-followed by a final ``GenerationResult``. The worker thread owns the runner, the
-scheduler and the KV cache bookkeeping; one lock guards that bookkeeping (never held
-during a model run), so ``submit``, ``cancel`` and the statistics are safe to call from
+``Engine.submit`` (and ``submit_fork``, ``submit_beam``) returns a ``GenerationStream`` at
+once: an async iterator of ``Delta`` followed by a final ``GenerationResult``. The worker
+thread owns the runner, the scheduler and the KV cache bookkeeping; one lock guards that bookkeeping
+(never held during a model run), so ``submit``, ``cancel`` and the statistics are safe to call from
 the event loop without blocking it.
 """
 
@@ -15,22 +15,25 @@ import itertools
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from service.config import EngineSettings
-from service.engine.kv_cache import CacheEntry, KVCacheManager, NoFreeSlot
+from service.engine.beam import ScorerName
+from service.engine.beam_group import BeamGroup
+from service.engine.kv_cache import CacheEntry, KVCacheManager, NoFreeSlot, Reuse
 from service.engine.model_runner import ModelRunner
 from service.engine.prefix_index import owner_of, prompt_hashes
-from service.engine.sampling import Sampler
+from service.engine.sampling import ForcedSampler, Sampler
 from service.engine.scheduler import DecodeStep, PrefillStep, Scheduler
 from service.engine.sequence import Phase, Sequence
 from service.engine.stopping import StopMatcher
 from service.engine.tokenizer import ChatTokenizer
 from service.engine.types import ChatKey, Delta, FinishReason, GenerationId, GenerationResult, SamplingParams
-from service.errors import ContextOverflow, QueueFull
+from service.errors import ContextOverflow, InvalidParams, QueueFull
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +57,9 @@ class EngineStats:
     resident_tokens: int = 0
     unsettled_chats: int = 0  # finished chats whose caches still wait to be made exact
     evictions: int = 0
+    decode_rows: int = 0  # sequences run by decode steps, summed over the steps
+    beam_rows: int = 0  # of those, the rows of beam searches
+    max_decode_batch: int = 0  # the most rows one decode step ran
 
 
 class GenerationStream:
@@ -69,6 +75,7 @@ class GenerationStream:
         self.prompt_tokens = len(seq.prompt)
         self.queue_position = queue_position
         self.cached_tokens = cached_estimate
+        self.rows = 1  # places in the batch it holds (a beam search: its width)
 
     def __aiter__(self) -> AsyncIterator[Delta]:
         return self
@@ -212,6 +219,98 @@ class Engine:
             raise ValueError("submit_batch takes one or more keys, with one prompt and params per key")
         return self._submit(list(chats), list(prompts), list(params), turn_stops, fork=False)
 
+    def submit_beam(
+        self,
+        chat: ChatKey,
+        prompt: list[int],
+        params: SamplingParams,
+        width: int,
+        *,
+        scorer: ScorerName = "logprob",
+        turn_stops: tuple[str, ...] = (),
+    ) -> GenerationStream:
+        """Queue a beam search of ``width`` beams continuing ``prompt`` (see ``beam.py`` for the
+        search, ``beam_group.py`` for how it runs here). Of ``params`` only ``max_tokens`` and
+        ``stop`` count: beams follow the model's own log-probabilities, so temperature, top-p,
+        top-k, penalties and seed are ignored. The prompt is prefilled once; then each live beam
+        is one row of the shared decode steps. The stream's deltas carry the tokens every beam
+        that can still win agrees on, as soon as that is known; its result is a ``BeamResult``
+        (the winner's remaining text, the candidates and their scores). Cancelling it ends the
+        whole search within one step. The group is admitted when ``width`` places in the batch
+        are free at once: raises like ``submit``, or ``InvalidParams`` for a width past the
+        batch (``max_batch`` and the KV slots)."""
+        limit = min(self._scheduler.max_batch, self.runner.slots)
+        if not 1 <= width <= limit:
+            raise InvalidParams(f"beam_width must be between 1 and {limit}")
+        self._check_prompt(prompt, [params])
+        stops = (*params.stop, *turn_stops)
+        hashes = prompt_hashes(prompt)
+        members = [self._sequence(chat, prompt, params, stops, hashes, None) for _ in range(width)]
+        max_tokens = min(params.max_tokens, self.max_len - len(prompt))
+        group = BeamGroup.create(
+            members, self.tokenizer, stops, width=width, max_tokens=max_tokens, scorer=scorer
+        )
+        for seq in members:
+            seq.beam = group
+        stream = self._queue(members, shared=True)[0]
+        stream.rows = width
+        return stream
+
+    def submit_scoring(
+        self, chats: list[ChatKey], prompt: list[int], continuations: list[list[int]]
+    ) -> list[GenerationStream]:
+        """Score each of ``continuations`` after ``prompt`` (teacher forcing): a fork whose
+        generations take the given tokens instead of sampling; each result's ``extra`` holds
+        ``logprob`` (their summed log-probability) and ``scored_tokens`` (fewer than given when
+        the context ends first). The prompt is prefilled once; the continuations decode together.
+        For a reranker. Every continuation must be non-empty."""
+        if not chats or len(chats) != len(continuations) or not all(continuations):
+            raise ValueError("submit_scoring takes one key per non-empty continuation")
+        self._check_prompt(prompt, [])
+        hashes = prompt_hashes(prompt)
+        seqs: list[Sequence] = []
+        for chat, tokens in zip(chats, continuations, strict=True):
+            params = SamplingParams(max_tokens=len(tokens), temperature=0.0)
+            seq = self._sequence(chat, prompt, params, (), hashes, seqs[0] if seqs else None)
+            seq.sampler = ForcedSampler(params, tokens)
+            seqs.append(seq)
+        return self._queue(seqs, shared=True)
+
+    def _check_prompt(self, prompt: list[int], params: list[SamplingParams]) -> None:
+        if self._loop is None:
+            raise RuntimeError("engine not started")
+        for p in params:
+            p.validate()
+        if not prompt:
+            raise ValueError("empty prompt")
+        if len(prompt) + 1 > self.max_len:
+            raise ContextOverflow(
+                f"prompt of {len(prompt)} tokens leaves no room in a context of {self.max_len}"
+            )
+
+    def _sequence(
+        self,
+        chat: ChatKey,
+        prompt: list[int],
+        params: SamplingParams,
+        stops: tuple[str, ...],
+        hashes: list[int],
+        leader: Sequence | None,
+    ) -> Sequence:
+        return Sequence(
+            id=GenerationId(next(self._ids)),
+            chat=chat,
+            prompt=list(prompt),
+            params=params,
+            sampler=Sampler(params),
+            detokenizer=self.tokenizer.detokenizer(),
+            stop=StopMatcher(stops),
+            eos_ids=self.tokenizer.eos_token_ids,
+            max_len=self.max_len,
+            prefix_hashes=hashes,
+            leader=leader,
+        )
+
     def _submit(
         self,
         chats: list[ChatKey],
@@ -223,46 +322,32 @@ class Engine:
     ) -> list[GenerationStream]:
         """Queue the generations, all or none. ``fork``: they share ``prompts[0]`` (one prompt
         given), which the first prefills for the others."""
-        if self._loop is None:
-            raise RuntimeError("engine not started")
-        for p in params:
-            p.validate()
         for prompt in prompts:
-            if not prompt:
-                raise ValueError("empty prompt")
-            if len(prompt) + 1 > self.max_len:
-                raise ContextOverflow(
-                    f"prompt of {len(prompt)} tokens leaves no room in a context of {self.max_len}"
-                )
+            self._check_prompt(prompt, params)
         hashes = [prompt_hashes(prompt) for prompt in prompts]
         seqs: list[Sequence] = []
         for i, (chat, p) in enumerate(zip(chats, params, strict=True)):
-            prompt = prompts[0 if fork else i]
-            seqs.append(
-                Sequence(
-                    id=GenerationId(next(self._ids)),
-                    chat=chat,
-                    prompt=list(prompt),
-                    params=p,
-                    sampler=Sampler(p),
-                    detokenizer=self.tokenizer.detokenizer(),
-                    stop=StopMatcher((*p.stop, *turn_stops)),
-                    eos_ids=self.tokenizer.eos_token_ids,
-                    max_len=self.max_len,
-                    prefix_hashes=hashes[0 if fork else i],
-                    leader=seqs[0] if fork and seqs else None,
-                )
-            )
+            j = 0 if fork else i
+            leader = seqs[0] if fork and seqs else None
+            seqs.append(self._sequence(chat, prompts[j], p, (*p.stop, *turn_stops), hashes[j], leader))
+        return self._queue(seqs, shared=fork)
+
+    def _queue(self, seqs: list[Sequence], *, shared: bool) -> list[GenerationStream]:
+        """Queue ``seqs``, all or none; a stream for each, but one for a beam search. ``shared``:
+        they continue the first one's prompt (a fork, a beam search), whose cached estimate
+        every stream reports."""
         assert self._idle is not None
         self._idle.clear()
         with self._lock:
             positions = self._scheduler.add_all(seqs)
             cached = [
                 min(self._kv.peek(seq.chat, seq.prompt, seq.prefix_hashes), max(0, len(seq.prompt) - 2))
-                for seq in (seqs[:1] if fork else seqs)
+                for seq in (seqs[:1] if shared else seqs)
             ]
+            if seqs[0].beam is not None:
+                seqs, positions = seqs[:1], positions[:1]
             streams = [
-                GenerationStream(self, seq, pos, cached[0 if fork else i])
+                GenerationStream(self, seq, pos, cached[0 if shared else i])
                 for i, (seq, pos) in enumerate(zip(seqs, positions, strict=True))
             ]
             for stream in streams:
@@ -348,6 +433,10 @@ class Engine:
     def _admit(self, events: list[tuple[GenerationStream, _Event]]) -> None:
         while self._scheduler.has_room():
             seq = self._scheduler.waiting[0]
+            if seq.beam is not None:
+                if not self._admit_beam(seq.beam):
+                    return
+                continue
             leader = seq.leader
             if leader is not None and leader.phase is not Phase.PREFILL and not self._can_fork(leader):
                 seq.leader = leader = None  # the leader ended early or lost its cache: prefill alone
@@ -370,17 +459,45 @@ class Engine:
                 else:
                     seq.waits_for_leader = True
                 continue
-            cap = max(0, len(seq.prompt) - 2)  # a prefill after position 0 needs two tokens
-            source = plan.source
-            if source is not None and source is not entry and min(plan.length, cap) > 0:
-                reuse = min(plan.length, cap)
-                self.runner.copy_slot(source.slot, entry.slot, reuse)
-                self._kv.record_copy(entry, source, reuse)
-                seq.shared_tokens = reuse
+            self._reuse(seq, entry, plan)
+
+    def _reuse(self, seq: Sequence, entry: CacheEntry, plan: Reuse) -> None:
+        """Start ``seq``'s prompt from the longest exact prefix it may reuse."""
+        cap = max(0, len(seq.prompt) - 2)  # a prefill after position 0 needs two tokens
+        source = plan.source
+        if source is not None and source is not entry and min(plan.length, cap) > 0:
+            reuse = min(plan.length, cap)
+            self.runner.copy_slot(source.slot, entry.slot, reuse)
+            self._kv.record_copy(entry, source, reuse)
+            seq.shared_tokens = reuse
+        else:
+            reuse = min(entry.reusable_prefix(seq.prompt), cap)
+            self._kv.truncate(entry, reuse)
+        seq.prefilled = seq.cached_tokens = reuse
+
+    def _admit_beam(self, group: BeamGroup) -> bool:
+        """Admit a beam search whole, once ``width`` places and slots are free: the first member
+        prefills the prompt, the others park on empty slots until the beams split."""
+        width = len(group.members)
+        if not self._scheduler.has_room(width) or self._kv.available() < width:
+            return False
+        now = time.perf_counter()
+        for index, seq in enumerate(group.members):
+            if index == 0:
+                entry, plan, released = self._kv.acquire_for(seq.chat, seq.prompt, seq.prefix_hashes)
             else:
-                reuse = min(entry.reusable_prefix(seq.prompt), cap)
-                self._kv.truncate(entry, reuse)
-            seq.prefilled = seq.cached_tokens = reuse
+                entry, released = self._kv.acquire(seq.chat)
+            self._release(released)
+            assert self._scheduler.waiting[0] is seq
+            self._scheduler.admit_next()
+            seq.admitted_at = now
+            seq.entry = entry
+            if index == 0:
+                self._reuse(seq, entry, plan)
+            else:
+                self._kv.truncate(entry, 0)
+                self._scheduler.park(seq)
+        return True
 
     def _can_fork(self, leader: Sequence) -> bool:
         """Whether the leader's prompt is in its slot, exact, with its first-token logits kept."""
@@ -418,7 +535,12 @@ class Engine:
     def _prompt_done(
         self, seq: Sequence, logits: np.ndarray, events: list[tuple[GenerationStream, _Event]]
     ) -> None:
-        """``seq``'s prompt is prefilled: start its followers (if it leads a fork), then itself."""
+        """``seq``'s prompt is prefilled: start its followers (if it leads a fork), then itself;
+        or, for a beam search, its first step."""
+        if seq.beam is not None:
+            seq.beam.live = [seq]
+            self._beam_step(seq.beam, logits[None, :], events)
+            return
         self._scheduler.start_decoding(seq)
         self._place_decoders()
         if any(f.leader is seq for f in self._scheduler.waiting):
@@ -429,7 +551,7 @@ class Engine:
 
     def _update_gauges(self) -> None:
         self.stats.waiting = len(self._scheduler.waiting)
-        self.stats.running = len(self._scheduler.decoding) + len(self._scheduler.prefilling)
+        self.stats.running = self._scheduler.running
         self.stats.resident_tokens = self._kv.resident_tokens()
         self.stats.unsettled_chats = len(self._kv.unsettled())
         self.stats.evictions = self._kv.evictions
@@ -458,10 +580,90 @@ class Engine:
                 self._prompt_done(seq, logits[0], events)
             return
         self.stats.decode_steps += 1
+        self.stats.decode_rows += len(step.sequences)
+        self.stats.max_decode_batch = max(self.stats.max_decode_batch, len(step.sequences))
+        beams: dict[BeamGroup, dict[Sequence, int]] = {}
         for row, seq in enumerate(step.sequences):
             assert seq.entry is not None
             seq.entry.ids.append(seq.generated[-1])
-            self._accept(seq, logits[row], events)
+            if seq.beam is not None:
+                beams.setdefault(seq.beam, {})[seq] = row
+            else:
+                self._accept(seq, logits[row], events)
+        for group, rows in beams.items():
+            self.stats.beam_rows += len(rows)
+            self._beam_step(group, logits[[rows[seq] for seq in group.live]], events)
+
+    def _beam_step(
+        self, group: BeamGroup, logits: np.ndarray, events: list[tuple[GenerationStream, _Event]]
+    ) -> None:
+        """One step of a beam search: ``logits[i]`` belong to ``group.live[i]``. A parent with
+        children keeps its sequence and slot for the first; each other child takes a sequence
+        that carries no surviving beam, and a copy of its parent's cache."""
+        if group.first_step_at is None:
+            group.first_step_at = time.perf_counter()
+        try:
+            outcome = group.search.step(logits)
+        except Exception as exc:
+            log.exception("beam search %s failed after the model run", group.leader.id)
+            self._end_beam(group, FinishReason.ERROR, f"beam search failed: {exc}", events)
+            return
+        parents = group.live
+        first_child: dict[int, int] = {}
+        for index, child in enumerate(outcome.children):
+            first_child.setdefault(child.parent, index)
+        keeping = {parents[p] for p in first_child}
+        spare = [m for m in group.members if m not in keeping]
+        live: list[Sequence] = []
+        for index, child in enumerate(outcome.children):
+            parent = parents[child.parent]
+            if first_child[child.parent] == index:
+                live.append(parent)
+                continue
+            seq = spare.pop()
+            assert parent.entry is not None
+            assert seq.entry is not None
+            self.runner.copy_slot(parent.entry.slot, seq.entry.slot, len(parent.entry.ids))
+            self._kv.record_clone(seq.entry, parent.entry)
+            seq.generated = [*parent.generated, child.token]
+            live.append(seq)
+        for parent_index, child_index in first_child.items():
+            parents[parent_index].generated.append(outcome.children[child_index].token)
+        self.stats.generated_tokens += len(outcome.children)
+        group.live = live
+        if outcome.over:
+            self._end_beam(group, None, None, events)
+            return
+        for seq in group.members:
+            if seq in live:
+                self._scheduler.activate(seq)
+            else:
+                self._scheduler.park(seq)
+        self._place_decoders()
+        delta = group.advance()
+        if delta is not None:
+            events.append((self._streams[group.leader.id], delta))
+
+    def _end_beam(
+        self,
+        group: BeamGroup,
+        reason: FinishReason | None,
+        error: str | None,
+        events: list[tuple[GenerationStream, _Event]],
+    ) -> None:
+        """End a beam search: its winner (``reason`` None: it ran to its end), or cancelled or
+        failed; every member leaves the batch and gives its slot back."""
+        if group.ended:
+            return
+        group.ended = True
+        for seq in group.members:
+            seq.finish(reason or FinishReason.STOP, error)
+            self._scheduler.remove(seq)
+            if seq.entry is not None:
+                self._release(self._kv.release(seq.entry))
+        self._place_decoders()
+        stream = self._streams.pop(group.leader.id)
+        events.append((stream, group.result(reason, error)))
 
     def _accept(
         self, seq: Sequence, logits: np.ndarray, events: list[tuple[GenerationStream, _Event]]
@@ -516,15 +718,32 @@ class Engine:
         for slot in slots:
             self.runner.release_slot(slot)
 
+    def _containers(self) -> tuple[list[Sequence] | deque[Sequence], ...]:
+        s = self._scheduler
+        return (s.waiting, s.prefilling, s.decoding, s.parked)
+
+    def _end(
+        self,
+        seq: Sequence,
+        reason: FinishReason,
+        error: str | None,
+        events: list[tuple[GenerationStream, _Event]],
+    ) -> None:
+        """End a generation, or the whole beam search ``seq`` is a beam of."""
+        if seq.beam is not None:
+            self._end_beam(seq.beam, reason, error, events)
+        else:
+            self._finish(seq, reason, error, events)
+
     def _reap_cancelled(self, events: list[tuple[GenerationStream, _Event]]) -> None:
-        for container in (self._scheduler.waiting, self._scheduler.prefilling, self._scheduler.decoding):
+        for container in self._containers():
             for seq in [s for s in container if s.cancel_requested]:
-                self._finish(seq, FinishReason.CANCELLED, None, events)
+                self._end(seq, FinishReason.CANCELLED, None, events)
 
     def _cancel_all(self, events: list[tuple[GenerationStream, _Event]]) -> None:
-        for container in (self._scheduler.waiting, self._scheduler.prefilling, self._scheduler.decoding):
+        for container in self._containers():
             for seq in list(container):
-                self._finish(seq, FinishReason.CANCELLED, None, events)
+                self._end(seq, FinishReason.CANCELLED, None, events)
 
     def _fail(
         self, step: PrefillStep | DecodeStep, message: str, events: list[tuple[GenerationStream, _Event]]
@@ -532,10 +751,10 @@ class Engine:
         if isinstance(step, PrefillStep):
             self._kv.truncate(step.entry, step.start)
             if step.sequence is not None:
-                self._finish(step.sequence, FinishReason.ERROR, message, events)
+                self._end(step.sequence, FinishReason.ERROR, message, events)
             return
         for seq in step.sequences:
-            self._finish(seq, FinishReason.ERROR, message, events)
+            self._end(seq, FinishReason.ERROR, message, events)
 
     def _signal_idle(self) -> None:
         loop, idle = self._loop, self._idle

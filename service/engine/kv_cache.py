@@ -228,6 +228,18 @@ class KVCacheManager:
         self.index.sync(entry)
         source.last_used = self._tick()
 
+    def record_clone(self, entry: CacheEntry, source: CacheEntry) -> None:
+        """The runner copied all of ``source``'s positions, decode-mode ones included, into
+        ``entry``'s slot (a beam search's split): ``entry`` holds what ``source`` holds."""
+        self.index.remove(entry)
+        entry.ids[:] = source.ids
+        entry.exact = source.exact
+        self.index.sync(entry)
+
+    def available(self) -> int:
+        """Slots a generation could take now: empty ones and those of idle entries."""
+        return sum(1 for e in self.by_slot if e is None or e.pins == 0)
+
     def swap(self, a: int, b: int) -> None:
         """Record that the runner exchanged the contents of slots ``a`` and ``b``."""
         ea, eb = self.by_slot[a], self.by_slot[b]

@@ -56,6 +56,34 @@ class Sampler:
         pick = _pick(probs, self._rng.random())
         return pick if ids is None else int(ids[pick])
 
+    def report(self) -> dict[str, float]:
+        """What the sampler measured, for ``GenerationResult.extra``."""
+        return {}
+
+
+class ForcedSampler(Sampler):
+    """Takes no choice: returns ``tokens`` in turn, adding up their log-probability under the
+    model's raw logits (teacher forcing; a reranker scoring a given text)."""
+
+    def __init__(self, params: SamplingParams, tokens: Sequence[int]) -> None:
+        super().__init__(params)
+        self.tokens = list(tokens)
+        self.logprob = 0.0
+        self.scored = 0
+
+    def sample(
+        self, logits: npt.NDArray[np.float32], previous_ids: Sequence[int], generated: Sequence[int] = ()
+    ) -> int:
+        token = self.tokens[len(generated)]
+        x = np.asarray(logits, dtype=np.float64)
+        top = x.max()
+        self.logprob += float(x[token] - top - np.log(np.exp(x - top).sum()))
+        self.scored += 1
+        return token
+
+    def report(self) -> dict[str, float]:
+        return {"logprob": self.logprob, "scored_tokens": float(self.scored)}
+
 
 _LOWEST = float(np.finfo(np.float32).min)
 

@@ -5,7 +5,9 @@ batch 1) or one batched decode step of every decoding sequence. When both kinds 
 are pending they alternate, and prefill chunks are kept small while others decode, so a
 long prompt delays the running generations by at most one small chunk per token.
 Admission is FIFO from a bounded waiting queue. A fork's follower waiting for its leader's
-prefill (``Sequence.waits_for_leader``) takes no prefill step of its own.
+prefill (``Sequence.waits_for_leader``) takes no prefill step of its own. The beams of a beam
+search that are not decoding right now are ``parked``: they hold their slot (and their place in
+the batch) for the search's next split, and run nothing.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.prefilling: deque[Sequence] = deque()
         self.decoding: list[Sequence] = []
+        self.parked: list[Sequence] = []
         self._last_was_prefill = False
 
     def add(self, seq: Sequence) -> int:
@@ -52,8 +55,7 @@ class Scheduler:
         if len(self.waiting) >= self.max_waiting:
             raise QueueFull(f"{len(self.waiting)} generations already waiting")
         self.waiting.append(seq)
-        running = len(self.prefilling) + len(self.decoding)
-        return max(0, running + len(self.waiting) - self.max_batch)
+        return max(0, self.running + len(self.waiting) - self.max_batch)
 
     def add_all(self, seqs: list[Sequence]) -> list[int]:
         """Queue several sequences, all or none (``QueueFull``)."""
@@ -67,8 +69,13 @@ class Scheduler:
         except ValueError:
             return 0
 
-    def has_room(self) -> bool:
-        return bool(self.waiting) and len(self.prefilling) + len(self.decoding) < self.max_batch
+    @property
+    def running(self) -> int:
+        """Sequences holding a place in the batch."""
+        return len(self.prefilling) + len(self.decoding) + len(self.parked)
+
+    def has_room(self, places: int = 1) -> bool:
+        return bool(self.waiting) and self.running + places <= self.max_batch
 
     def admit_next(self) -> Sequence:
         seq = self.waiting.popleft()
@@ -81,8 +88,26 @@ class Scheduler:
         seq.phase = Phase.DECODE
         self.decoding.append(seq)
 
+    def activate(self, seq: Sequence) -> None:
+        """A prefilled or parked beam decodes from the next step on."""
+        if seq in self.decoding:
+            return
+        for container in (self.prefilling, self.parked):
+            if seq in container:
+                container.remove(seq)
+        seq.phase = Phase.DECODE
+        self.decoding.append(seq)
+
+    def park(self, seq: Sequence) -> None:
+        """A beam keeps its slot and its place in the batch but runs nothing."""
+        if seq in self.parked:
+            return
+        self.remove(seq)
+        seq.phase = Phase.DECODE
+        self.parked.append(seq)
+
     def remove(self, seq: Sequence) -> None:
-        for container in (self.waiting, self.prefilling):
+        for container in (self.waiting, self.prefilling, self.parked):
             if seq in container:
                 container.remove(seq)
         if seq in self.decoding:
@@ -93,7 +118,7 @@ class Scheduler:
                 self.decoding[index] = last
 
     def is_idle(self) -> bool:
-        return not (self.waiting or self.prefilling or self.decoding)
+        return not (self.waiting or self.prefilling or self.decoding or self.parked)
 
     def next_step(self, settle: CacheEntry | None) -> Step | None:
         """The next model run, or None when there is nothing to do.

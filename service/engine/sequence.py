@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from enum import Enum, auto
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -13,6 +14,9 @@ from service.engine.sampling import Sampler
 from service.engine.stopping import StopMatcher
 from service.engine.tokenizer import IncrementalDetokenizer
 from service.engine.types import ChatKey, Delta, FinishReason, GenerationId, GenerationResult, SamplingParams
+
+if TYPE_CHECKING:
+    from service.engine.beam_group import BeamGroup
 
 
 class Phase(Enum):
@@ -44,6 +48,8 @@ class Sequence:
     leader: Sequence | None = None
     waits_for_leader: bool = False  # admitted, its slot empty until the leader's prefill ends
     fork_logits: np.ndarray | None = None
+    # A beam of a beam search (``Engine.submit_beam``): the group decides its tokens, not ``accept``.
+    beam: BeamGroup | None = None
     generated: list[int] = field(default_factory=list)
     text: list[str] = field(default_factory=list)
     emitted_tokens: int = 0  # generated tokens already covered by deltas
@@ -131,4 +137,5 @@ class Sequence:
             total_ms=(end - self.submitted_at) * 1000,
             tokens_per_s=rate,
             error=self.error,
+            extra=self.sampler.report(),
         )

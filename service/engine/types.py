@@ -98,3 +98,28 @@ class GenerationResult:
     tokens_per_s: float
     error: str | None = None
     extra: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class BeamCandidate:
+    """One finished hypothesis of a beam search, as reported at its end."""
+
+    text: str
+    token_ids: list[int]
+    logprob: float  # cumulative log-probability of its tokens under the model
+    score: float | None  # under the scorer (None: a reranker had no text of it to score)
+    reason: FinishReason
+
+
+@dataclass(slots=True)
+class BeamResult(GenerationResult):
+    """The end of a beam search (``Engine.submit_beam``): the winner's text and ids, and how it
+    was streamed. The deltas before it cover the tokens every beam agreed on while the search
+    ran (``streamed_early`` of them); ``tail`` is the winner's text after those."""
+
+    scorer: str = "logprob"
+    width: int = 1
+    streamed_early: int = 0
+    tail: str = ""
+    candidates: list[BeamCandidate] = field(default_factory=list)  # the winner first
+    steps: int = 0  # decode steps the search took

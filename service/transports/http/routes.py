@@ -7,9 +7,11 @@ from starlette.routing import BaseRoute
 from service.config import ServerSettings
 from service.core.chats import ChatCore
 from service.transports.http.generate import GenerateRoutes
+from service.transports.http.beam import BeamRoutes
 
 
 def plain_routes(core: ChatCore, settings: ServerSettings) -> list[BaseRoute]:
     routes: list[BaseRoute] = []
     routes += GenerateRoutes(core, settings).routes()
+    routes += BeamRoutes(core, settings).routes()
     return routes
