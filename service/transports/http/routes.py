@@ -6,8 +6,8 @@ from starlette.routing import BaseRoute
 
 from service.config import ServerSettings
 from service.core.chats import ChatCore
-from service.transports.http.generate import GenerateRoutes
 from service.transports.http.beam import BeamRoutes
+from service.transports.http.generate import GenerateRoutes
 
 
 def plain_routes(core: ChatCore, settings: ServerSettings) -> list[BaseRoute]:
