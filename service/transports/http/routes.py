@@ -6,8 +6,10 @@ from starlette.routing import BaseRoute
 
 from service.config import ServerSettings
 from service.core.chats import ChatCore
+from service.transports.http.chats import ChatRoutes
 
 
 def plain_routes(core: ChatCore, settings: ServerSettings) -> list[BaseRoute]:
     routes: list[BaseRoute] = []
+    routes += ChatRoutes(core, settings).routes()
     return routes
