@@ -257,7 +257,8 @@ class ChatCore:
         """The next turn of a stored chat for a client that holds no session (the REST chat
         API). At most one reply runs per chat (else ``Busy``) and ``max_sessions`` replies of
         chats per user, whichever client started them (else ``TooManyRequests``). Nobody holds
-        the reply: it runs to its end, and readers attach and release it as they come and go."""
+        the reply: it is ``independent``, runs to its end, and readers attach and detach as
+        they come and go."""
         chat_id = parse_id(chat)
         if chat_id is None:
             raise NotFound("no such chat")
@@ -274,9 +275,11 @@ class ChatCore:
             conversation, _ = await self.open(
                 user, chat=chat, model=None, title=None, system=None, params=frames.Params()
             )
-            return await self.send(conversation, text, params, sent_at=sent_at)
+            reply = await self.send(conversation, text, params, sent_at=sent_at)
         finally:
             del self._posting[chat_id]
+        reply.independent = True
+        return reply
 
     async def find_reply(self, user: User, chat: str, message: str) -> Reply | StoredReply:
         """The reply ``message`` of the user's chat: running here (or being stored), else as

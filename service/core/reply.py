@@ -4,8 +4,8 @@ It pumps the engine's deltas to the sinks that hold it (a ``chat.v1`` session, H
 responses), keeps them for replay, counts it in the metrics and records the result once,
 whatever ends it. A reply outlives a dropped WebSocket connection for the disconnect grace
 period: it is detached, keeps running, and can be attached to a new sink, which first gets
-the deltas it missed and then the live ones. A reader of the REST chat API leaves with
-:meth:`Reply.release`, which starts no grace period: such a reply runs to its end.
+the deltas it missed and then the live ones. A reply started by the REST chat API is
+``independent``: it runs to its end whether or not anyone holds it.
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ class Reply:
         # ends sooner is recorded only then.
         self.placed = asyncio.Event()
         self.user_message_id: UUID | None = None  # a chat turn's: the user message it answers
+        self.independent = False  # never cancelled for want of a reader (see detach)
         self._sinks: list[ReplySink] = []
         self._metrics = metrics
         self._on_finish = on_finish
@@ -101,12 +102,14 @@ class Reply:
 
     def detach(self, grace_s: float, sink: ReplySink | None = None) -> None:
         """The client of ``sink`` (of every sink, when None) is gone: once no sink holds the
-        reply, it keeps running for ``grace_s`` seconds, then is cancelled."""
+        reply, it keeps running for ``grace_s`` seconds, then is cancelled (an ``independent``
+        reply runs on to its end)."""
         if sink is None:
             self._sinks.clear()
         else:
-            self.release(sink)
-        if self._sinks:
+            with contextlib.suppress(ValueError):
+                self._sinks.remove(sink)
+        if self._sinks or self.independent:
             return
         if grace_s <= 0:
             self.cancel(CancelCause.DISCONNECT)
@@ -115,11 +118,6 @@ class Reply:
                 self._grace_timer.cancel()
             loop = asyncio.get_running_loop()
             self._grace_timer = loop.call_later(grace_s, self.cancel, CancelCause.DISCONNECT)
-
-    def release(self, sink: ReplySink) -> None:
-        """``sink`` stops reading; the reply runs on whoever else reads it."""
-        with contextlib.suppress(ValueError):
-            self._sinks.remove(sink)
 
     def attach(self, sink: ReplySink, from_index: int = 0) -> None:
         """Send ``sink`` the deltas from token ``from_index`` on, then the live ones (and the

@@ -3,15 +3,20 @@ and response checked against ``schema/openapi.yaml``, event streams parsed as a 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
+from uuid import UUID
 
 import httpx
 import orjson
 
+from service.core.reply import Reply
+from service.engine.types import Delta, GenerationResult
 from service.server import ChatServer
+from tests.engine_gate import EngineGate
 from tests.protocol.openapi_check import validate_event, validate_json, validate_request
 from tests.service.client import TIMEOUT_S
 
@@ -132,3 +137,37 @@ class RestApi:
         if response.status_code != 204:
             validate_json("GET", EVENTS, response.status_code, response.json())
         return response.status_code
+
+
+class Progress:
+    """A second sink on a running reply: lets a test wait for its tokens, and closes the engine
+    gate once ``pause_at`` tokens are out."""
+
+    def __init__(self, gate: EngineGate, reply: Reply) -> None:
+        self.gate = gate
+        self.tokens = 0
+        self.pause_at: int | None = None
+        self._changed = asyncio.Event()
+        reply.attach(self)
+
+    def delta(self, delta: Delta) -> None:
+        self.tokens = delta.index + delta.tokens
+        if self.pause_at is not None and self.tokens >= self.pause_at:
+            self.gate.hold(0)
+            self.pause_at = None
+        self._changed.set()
+
+    def done(self, reply: Reply, result: GenerationResult) -> None:
+        self._changed.set()
+
+    async def run_to(self, tokens: int) -> None:
+        """Let the engine run until at least ``tokens`` are out, then hold it."""
+        self.pause_at = tokens
+        self.gate.release()
+        while self.tokens < tokens:
+            self._changed.clear()
+            await asyncio.wait_for(self._changed.wait(), TIMEOUT_S)
+
+
+def running(server: ChatServer, message: str) -> Reply:
+    return server.core.replies.running[UUID(message)]

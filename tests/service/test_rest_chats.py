@@ -4,55 +4,24 @@ event stream with ``Last-Event-ID``, replay from the database, stop, and isolati
 from __future__ import annotations
 
 import asyncio
-from uuid import UUID
+from typing import Any
+from uuid import UUID, uuid4
 
 import pytest
 
+from service.core.chats import completion, stored_deltas
 from service.core.metrics import CancelCause
-from service.core.reply import Reply
-from service.engine.types import Delta, GenerationResult
+from service.engine.types import Delta, FinishReason, GenerationResult
 from service.server import ChatServer
-from tests.engine_gate import EngineGate, GateFactory
+from service.store.records import StoredReply
+from service.transports.http.chats import token_event
+from tests.engine_gate import GateFactory
 from tests.service.client import TIMEOUT_S, Client
 from tests.service.conftest import ServiceFactory, ws_url
-from tests.service.rest_api import RestApi, covered, text_of
+from tests.service.rest_api import Progress, RestApi, covered, running, text_of
 from tests.service.test_auth import add_user
 
 STOP = "/chats/{chat}/messages/{message}/stop"
-
-
-class Progress:
-    """A second sink on a running reply: lets a test wait for its tokens, and closes the engine
-    gate once ``pause_at`` tokens are out."""
-
-    def __init__(self, gate: EngineGate, reply: Reply) -> None:
-        self.gate = gate
-        self.tokens = 0
-        self.pause_at: int | None = None
-        self._changed = asyncio.Event()
-        reply.attach(self)
-
-    def delta(self, delta: Delta) -> None:
-        self.tokens = delta.index + delta.tokens
-        if self.pause_at is not None and self.tokens >= self.pause_at:
-            self.gate.hold(0)
-            self.pause_at = None
-        self._changed.set()
-
-    def done(self, reply: Reply, result: GenerationResult) -> None:
-        self._changed.set()
-
-    async def run_to(self, tokens: int) -> None:
-        """Let the engine run until at least ``tokens`` are out, then hold it."""
-        self.pause_at = tokens
-        self.gate.release()
-        while self.tokens < tokens:
-            self._changed.clear()
-            await asyncio.wait_for(self._changed.wait(), TIMEOUT_S)
-
-
-def running(server: ChatServer, message: str) -> Reply:
-    return server.core.replies.running[UUID(message)]
 
 
 async def test_a_chat_over_rest_end_to_end(
@@ -142,10 +111,11 @@ async def test_a_chat_over_rest_end_to_end(
 
 
 async def test_a_dropped_event_stream_resumes_with_last_event_id(
-    server: ChatServer, engine_gate: GateFactory
+    server: ChatServer, engine_gate: GateFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A client that disconnects mid-stream and comes back with ``Last-Event-ID`` gets the tokens
-    generated meanwhile and the rest, each exactly once, while the reply still runs."""
+    generated meanwhile and the rest, each exactly once; with no reader at all (and no disconnect
+    grace) the reply runs on to its end."""
     api = RestApi(server)
     gate = engine_gate(server)
     gate.hold(0)
@@ -154,14 +124,26 @@ async def test_a_dropped_event_stream_resumes_with_last_event_id(
     reply = running(server, message)
     progress = Progress(gate, reply)
     await progress.run_to(2)
+    reader_left = asyncio.Event()
+
+    def detach(grace_s: float, sink: object = None, _detach: Any = reply.detach) -> None:
+        _detach(grace_s, sink)
+        if sink is not progress:
+            reader_left.set()
+
+    monkeypatch.setattr(reply, "detach", detach)
 
     async with api.events(chat, message) as stream:
         first = await stream.next()
         assert first is not None
         assert stream.retry == 1000
+    await asyncio.wait_for(reader_left.wait(), TIMEOUT_S)  # the server saw the client go
     await progress.run_to(progress.tokens + 4)  # generated while nobody reads
     missed = progress.tokens - (first.data["index"] + 1)
     assert missed >= 4
+    assert server.settings.server.disconnect_grace_s == 0
+    reply.detach(0, progress)
+    assert not reply.attached
     assert reply.result is None
 
     async with api.events(chat, message, last_event_id=first.id) as stream:
@@ -171,6 +153,7 @@ async def test_a_dropped_event_stream_resumes_with_last_event_id(
         after = [caught_up, *await stream.rest()]
     assert covered(after)[0] == first.data["index"] + 1
     events = [first, *after]
+    assert events[-1].data["status"] == "complete"
     total = events[-1].data["total_tokens"]
     assert covered(events) == list(range(total))
     stored = (await api.call("GET", "/chats/{chat}", 200, chat=chat))["messages"][-1]
@@ -209,3 +192,47 @@ async def test_another_users_chat_is_not_found(start_service: ServiceFactory) ->
         assert [m["role"] for m in shown["messages"]] == ["user", "assistant"]
         for api in (alice, bob, nobody):
             await api.close()
+
+
+def test_a_stored_reply_replays_as_it_streamed() -> None:
+    """The store keeps each delta's tokens and characters, so the replay of a finished reply has
+    the live events' ids even where one delta covered several tokens (a character split across
+    tokens, text held back for a stop string) or none of the text (a cancelled tail)."""
+    deltas = [Delta(0, "Hé", 1), Delta(1, "llo wo", 3), Delta(4, "", 2)]
+    result = GenerationResult(
+        reason=FinishReason.CANCELLED,
+        text="Héllo wo",
+        token_ids=[5, 6, 7, 8, 9, 10],
+        prompt_tokens=3,
+        cached_tokens=0,
+        completion_tokens=6,
+        queued_ms=0.0,
+        ttft_ms=1.0,
+        total_ms=2.0,
+        tokens_per_s=1.0,
+    )
+
+    def stored(deltas: list[Delta]) -> StoredReply:
+        c = completion(result, deltas)
+        return StoredReply(
+            id=uuid4(),
+            chat_id=uuid4(),
+            status=c.status,
+            text=c.text,
+            token_ids=c.token_ids,
+            delta_tokens=c.delta_tokens,
+            delta_chars=c.delta_chars,
+            reason=c.reason,
+            prompt_tokens=c.prompt_tokens,
+            cached_tokens=c.cached_tokens,
+            queued_ms=c.queued_ms,
+            ttft_ms=c.ttft_ms,
+            total_ms=c.total_ms,
+            tokens_per_s=c.tokens_per_s,
+            error=c.error,
+        )
+
+    assert stored_deltas(stored(deltas)) == deltas
+    assert [token_event(d).id for d in deltas] == ["0", "3", "5"]
+    # Deltas that do not account for the reply exactly are not kept: it replays as one delta.
+    assert stored_deltas(stored(deltas[:2])) == [Delta(0, "Héllo wo", 6)]

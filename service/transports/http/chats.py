@@ -18,10 +18,12 @@ with the same events: the store keeps how it streamed (``sql/0003_reply_deltas.s
 
 **Who keeps a reply running.** Nobody has to: a reply started here belongs to its chat, not to
 a connection, so it runs to its end (bounded by ``max_tokens`` and, per user, by
-``max_sessions`` replies at once) whether or not anyone reads it; ``stop``, deleting the chat,
-revoking the user or shutting down end it early. ``--disconnect-grace`` is chat.v1's: there a
-dropped WebSocket is the client's only handle on its replies; here the handle is the message
-id, good for as long as the reply runs and, once it has ended, for its replay.
+``max_sessions`` replies at once) whether or not anyone reads it, here or over chat.v1;
+``stop``, deleting the chat, revoking the user or shutting down end it early. The disconnect
+grace is for chat.v1, where a dropped WebSocket is the client's only handle on its replies;
+here the handle is the message id, good for as long as the reply runs and, once it has ended,
+for its replay. (A reply started over chat.v1 and read here keeps chat.v1's rule: once neither
+its session nor a reader here holds it, the grace runs.)
 """
 
 from __future__ import annotations
@@ -311,7 +313,7 @@ class ChatRoutes(PlainRoutes):
                     yield data_event(live_end(reply, reader.result), event_id=reader.result.completion_tokens)
                     return
         finally:
-            reply.release(reader)
+            reply.detach(self.settings.disconnect_grace_s, reader)
 
     async def _replay(self, stored: StoredReply, after: int) -> AsyncIterator[ServerSentEvent]:
         yield ServerSentEvent(retry=RECONNECT_MS, sep="\n")
