@@ -43,6 +43,7 @@ from starlette.routing import BaseRoute, Route
 from service.core.chats import stored_deltas, stored_status
 from service.core.reply import Reply
 from service.engine.types import Delta, FinishReason, GenerationResult
+from service.errors import ChatGone
 from service.protocol import frames
 from service.protocol.codec import DEFAULT_CHATS_LIMIT, MAX_HISTORY_LIMIT, MAX_LIST_LIMIT, MAX_TITLE_CHARS
 from service.store.records import StoredMessage, StoredReply, User, parse_id
@@ -268,7 +269,10 @@ class ChatRoutes(PlainRoutes):
         if not isinstance(content, str):
             raise PlainError(400, "content must be a string: the user's message")
         params = params_from(body)
-        reply = await self.core.post(user, request.path_params["chat"], content, params, sent_at=received)
+        try:
+            reply = await self.core.post(user, request.path_params["chat"], content, params, sent_at=received)
+        except ChatGone:
+            raise PlainError(404, "no such chat (it was deleted meanwhile)") from None
         return _json(
             {"user_message": str(reply.user_message_id), "assistant_message": str(reply.message_id)}, 202
         )
@@ -283,7 +287,7 @@ class ChatRoutes(PlainRoutes):
             if after >= len(found.token_ids):
                 return Response(status_code=204, headers={"Cache-Control": "no-store"})
             return self.events(self._replay(found, after))
-        if found.result is not None and found.done.is_set() and after >= found.result.completion_tokens:
+        if found.result is not None and after >= found.result.completion_tokens:
             return Response(status_code=204, headers={"Cache-Control": "no-store"})
         return self.events(self._live(found, after))
 
