@@ -8,14 +8,16 @@ from typing import Any
 from uuid import UUID, uuid4
 
 import pytest
+from starlette.routing import Route
 
 from service.core.chats import completion, stored_deltas
 from service.core.metrics import CancelCause
 from service.engine.types import Delta, FinishReason, GenerationResult
 from service.server import ChatServer
 from service.store.records import StoredReply
-from service.transports.http.chats import token_event
+from service.transports.http.chats import ChatRoutes, token_event
 from tests.engine_gate import GateFactory
+from tests.protocol.openapi_check import operations
 from tests.service.client import TIMEOUT_S, Client
 from tests.service.conftest import ServiceFactory, ws_url
 from tests.service.rest_api import Progress, RestApi, covered, running, text_of
@@ -236,3 +238,16 @@ def test_a_stored_reply_replays_as_it_streamed() -> None:
     assert [token_event(d).id for d in deltas] == ["0", "3", "5"]
     # Deltas that do not account for the reply exactly are not kept: it replays as one delta.
     assert stored_deltas(stored(deltas[:2])) == [Delta(0, "Héllo wo", 6)]
+
+
+def test_every_chat_route_is_documented() -> None:
+    """schema/openapi.yaml describes exactly the routes the REST chat API serves."""
+    unbound = ChatRoutes.__new__(ChatRoutes)  # routes() needs no core to list the routes
+    served = {
+        (method, route.path)
+        for route in unbound.routes()
+        if isinstance(route, Route)
+        for method in route.methods or ()
+        if method != "HEAD"
+    }
+    assert served == {op for op in operations() if op[1].startswith("/chats")}
