@@ -4,7 +4,7 @@ and response checked against ``schema/openapi.yaml``, event streams parsed as a 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -12,6 +12,7 @@ from uuid import UUID
 
 import httpx
 import orjson
+import pytest
 
 from service.core.reply import Reply
 from service.engine.types import Delta, GenerationResult
@@ -21,6 +22,7 @@ from tests.protocol.openapi_check import validate_event, validate_json, validate
 from tests.service.client import TIMEOUT_S
 
 EVENTS = "/chats/{chat}/messages/{message}/events"
+_MAX_HOLD_S = 60.0  # as tests/engine_gate.py: a gate left closed by a failing test cannot hang the suite
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,34 +141,77 @@ class RestApi:
         return response.status_code
 
 
-class Progress:
-    """A second sink on a running reply: lets a test wait for its tokens, and closes the engine
-    gate once ``pause_at`` tokens are out."""
+class ReplyGate(EngineGate):
+    """Holds the engine before a model run while the reply it watches has ``limit`` tokens or
+    more (every run, until it watches one). The check runs in the engine's thread before each
+    run, so the reply stops at exactly ``limit`` tokens however busy the event loop is. It is also
+    a sink of the reply, so a test can wait until those tokens are out."""
 
-    def __init__(self, gate: EngineGate, reply: Reply) -> None:
-        self.gate = gate
-        self.tokens = 0
-        self.pause_at: int | None = None
+    def __init__(self) -> None:
+        super().__init__()
+        self._limit: int | None = 0
+        self._reply: Reply | None = None
+        self.tokens = 0  # generated tokens the reply's deltas have covered so far
         self._changed = asyncio.Event()
+
+    def _held(self) -> bool:
+        made = 0 if self._reply is None else self._reply.generated_tokens
+        return self._limit is not None and made >= self._limit
+
+    def wait(self) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._held(), timeout=_MAX_HOLD_S)
+
+    def _open_to(self, limit: int | None) -> None:
+        with self._cond:
+            self._limit = limit
+            self._cond.notify_all()
+
+    def hold(self, runs: int = 0) -> None:
+        raise NotImplementedError("a ReplyGate holds at a token count: run_to()")
+
+    def release(self) -> None:
+        self._open_to(None)
+
+    def watch(self, reply: Reply) -> None:
+        with self._cond:
+            self._reply = reply
         reply.attach(self)
+
+    async def run_to(self, tokens: int) -> None:
+        """Let the watched reply reach ``tokens`` tokens, hold it there, and wait until they are out."""
+        self._open_to(tokens)
+        while self.tokens < tokens:
+            self._changed.clear()
+            await asyncio.wait_for(self._changed.wait(), TIMEOUT_S)
 
     def delta(self, delta: Delta) -> None:
         self.tokens = delta.index + delta.tokens
-        if self.pause_at is not None and self.tokens >= self.pause_at:
-            self.gate.hold(0)
-            self.pause_at = None
         self._changed.set()
 
     def done(self, reply: Reply, result: GenerationResult) -> None:
         self._changed.set()
 
-    async def run_to(self, tokens: int) -> None:
-        """Let the engine run until at least ``tokens`` are out, then hold it."""
-        self.pause_at = tokens
-        self.gate.release()
-        while self.tokens < tokens:
-            self._changed.clear()
-            await asyncio.wait_for(self._changed.wait(), TIMEOUT_S)
+
+ReplyGates = Callable[[ChatServer], ReplyGate]
+
+
+@pytest.fixture(name="reply_gate")
+def reply_gate_fixture(monkeypatch: pytest.MonkeyPatch) -> Iterator[ReplyGates]:
+    """``reply_gate(server)``: a :class:`ReplyGate` on that server's engines, released at teardown."""
+    gates: list[ReplyGate] = []
+
+    def install(service: ChatServer) -> ReplyGate:
+        gate = ReplyGate()
+        gate.install(service, monkeypatch)
+        gates.append(gate)
+        return gate
+
+    try:
+        yield install
+    finally:
+        for gate in gates:
+            gate.release()
 
 
 def running(server: ChatServer, message: str) -> Reply:

@@ -16,18 +16,24 @@ from service.engine.types import Delta, FinishReason, GenerationResult
 from service.server import ChatServer
 from service.store.records import StoredReply
 from service.transports.http.chats import ChatRoutes, token_event
-from tests.engine_gate import GateFactory
 from tests.protocol.openapi_check import operations
 from tests.service.client import TIMEOUT_S, Client
 from tests.service.conftest import ServiceFactory, ws_url
-from tests.service.rest_api import Progress, RestApi, covered, running, text_of
+from tests.service.rest_api import (
+    ReplyGates,
+    RestApi,
+    covered,
+    reply_gate_fixture,  # noqa: F401  (the reply_gate fixture)
+    running,
+    text_of,
+)
 from tests.service.test_auth import add_user
 
 STOP = "/chats/{chat}/messages/{message}/stop"
 
 
 async def test_a_chat_over_rest_end_to_end(
-    server: ChatServer, engine_gate: GateFactory, monkeypatch: pytest.MonkeyPatch
+    server: ChatServer, reply_gate: ReplyGates, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Create, send, stream, replay from storage, stop, share with chat.v1, delete: every answer
     as schema/openapi.yaml documents it."""
@@ -67,10 +73,10 @@ async def test_a_chat_over_rest_end_to_end(
     assert len((await api.call("GET", "/chats/{chat}", 200, chat=chat))["messages"]) == 5
 
     # Stop a running reply; a second message meanwhile is refused.
-    gate = engine_gate(server)
-    gate.hold(0)
+    gate = reply_gate(server)
     long = await api.send(chat, "Tell me more", max_tokens=200)
-    await Progress(gate, running(server, long)).run_to(1)
+    gate.watch(running(server, long))
+    await gate.run_to(1)
     busy = await api.call("POST", "/chats/{chat}/messages", 409, json={"content": "again"}, chat=chat)
     assert "already" in busy["error"]
     assert (await api.call("GET", "/chats/{chat}", 200, chat=chat))["generating"] == [long]
@@ -113,24 +119,30 @@ async def test_a_chat_over_rest_end_to_end(
 
 
 async def test_a_dropped_event_stream_resumes_with_last_event_id(
-    server: ChatServer, engine_gate: GateFactory, monkeypatch: pytest.MonkeyPatch
+    start_service: ServiceFactory, reply_gate: ReplyGates, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A client that disconnects mid-stream and comes back with ``Last-Event-ID`` gets the tokens
     generated meanwhile and the rest, each exactly once; with no reader at all (and no disconnect
-    grace) the reply runs on to its end."""
+    grace) the reply runs on to its end. Event streams count against ``max_connections``."""
+    async with start_service(max_connections=1) as server:
+        await _drop_and_resume(server, reply_gate, monkeypatch)
+
+
+async def _drop_and_resume(
+    server: ChatServer, reply_gate: ReplyGates, monkeypatch: pytest.MonkeyPatch
+) -> None:
     api = RestApi(server)
-    gate = engine_gate(server)
-    gate.hold(0)
+    gate = reply_gate(server)
     chat = await api.new_chat()
     message = await api.send(chat, "Count to ten", max_tokens=40, temperature=0)
     reply = running(server, message)
-    progress = Progress(gate, reply)
-    await progress.run_to(2)
+    gate.watch(reply)
+    await gate.run_to(2)
     reader_left = asyncio.Event()
 
     def detach(grace_s: float, sink: object = None, _detach: Any = reply.detach) -> None:
         _detach(grace_s, sink)
-        if sink is not progress:
+        if sink is not gate:
             reader_left.set()
 
     monkeypatch.setattr(reply, "detach", detach)
@@ -140,17 +152,18 @@ async def test_a_dropped_event_stream_resumes_with_last_event_id(
         assert first is not None
         assert stream.retry == 1000
     await asyncio.wait_for(reader_left.wait(), TIMEOUT_S)  # the server saw the client go
-    await progress.run_to(progress.tokens + 4)  # generated while nobody reads
-    missed = progress.tokens - (first.data["index"] + 1)
-    assert missed >= 4
+    await gate.run_to(6)  # generated while nobody reads
+    assert reply.generated_tokens == 6
+    assert first.data["index"] < 2
     assert server.settings.server.disconnect_grace_s == 0
-    reply.detach(0, progress)
+    reply.detach(0, gate)
     assert not reply.attached
     assert reply.result is None
 
     async with api.events(chat, message, last_event_id=first.id) as stream:
         caught_up = await stream.next()
         assert caught_up is not None
+        assert await api.events_status(chat, message) == 503  # one stream at once
         gate.release()
         after = [caught_up, *await stream.rest()]
     assert covered(after)[0] == first.data["index"] + 1

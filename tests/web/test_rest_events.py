@@ -9,10 +9,18 @@ from typing import Any
 from playwright.async_api import Browser
 
 from service.server import ChatServer
-from tests.engine_gate import GateFactory
 from tests.protocol.openapi_check import validate_event
 from tests.service.client import TIMEOUT_S
-from tests.service.rest_api import EVENTS, Event, Progress, RestApi, covered, running, text_of
+from tests.service.rest_api import (
+    EVENTS,
+    Event,
+    ReplyGates,
+    RestApi,
+    covered,
+    reply_gate_fixture,  # noqa: F401  (the reply_gate fixture)
+    running,
+    text_of,
+)
 from tests.tcp_relay import tcp_relay
 
 # Every event with the connection it came on (``opens`` counts the connections so far).
@@ -32,17 +40,16 @@ LISTEN = """
 
 
 async def test_eventsource_reattaches_by_itself_after_a_drop(
-    server: ChatServer, browser: Browser, engine_gate: GateFactory
+    server: ChatServer, browser: Browser, reply_gate: ReplyGates
 ) -> None:
     """The browser's EventSource, cut off mid-reply, comes back by itself: the tokens generated
     while it was away and the rest arrive on the second connection, none twice, none missing."""
-    gate = engine_gate(server)
-    gate.hold(0)
+    gate = reply_gate(server)
     api = RestApi(server)
     chat = await api.new_chat()
     message = await api.send(chat, "Tell me a story", max_tokens=32, temperature=0)
-    progress = Progress(gate, running(server, message))
-    await progress.run_to(2)
+    gate.watch(running(server, message))
+    await gate.run_to(2)
     wait = {"timeout": TIMEOUT_S * 1000}
     async with tcp_relay("127.0.0.1", server.port) as relay:
         context = await browser.new_context()
@@ -55,7 +62,7 @@ async def test_eventsource_reattaches_by_itself_after_a_drop(
             relay.cut()  # the connection drops mid-reply ...
             relay.restore()  # ... and the service is reachable again
             await page.wait_for_function("window.seen.errors >= 1", **wait)
-            await progress.run_to(progress.tokens + 4)  # generated while the browser is away
+            await gate.run_to(6)  # generated while the browser is away
             await page.wait_for_function("window.seen.opens >= 2 && window.seen.events.length >= 2", **wait)
             gate.release()
             await page.wait_for_function("window.seen.done", **wait)

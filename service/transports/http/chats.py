@@ -18,7 +18,8 @@ with the same events: the store keeps how it streamed (``sql/0003_reply_deltas.s
 
 **Who keeps a reply running.** Nobody has to: a reply started here belongs to its chat, not to
 a connection, so it runs to its end (bounded by ``max_tokens`` and, per user, by
-``max_sessions`` replies at once) whether or not anyone reads it, here or over chat.v1;
+``max_sessions`` replies at once; at most ``max_connections`` event streams are open, as
+WebSockets) whether or not anyone reads it, here or over chat.v1;
 ``stop``, deleting the chat, revoking the user or shutting down end it early. The disconnect
 grace is for chat.v1, where a dropped WebSocket is the client's only handle on its replies;
 here the handle is the message id, good for as long as the reply runs and, once it has ended,
@@ -40,7 +41,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from service.core.chats import stored_deltas, stored_status
+from service.config import ServerSettings
+from service.core.chats import ChatCore, stored_deltas, stored_status
 from service.core.reply import Reply
 from service.engine.types import Delta, FinishReason, GenerationResult
 from service.errors import ChatGone
@@ -176,6 +178,10 @@ def _after(request: Request) -> int:
 
 
 class ChatRoutes(PlainRoutes):
+    def __init__(self, core: ChatCore, settings: ServerSettings) -> None:
+        super().__init__(core, settings)
+        self.streams = 0  # open /events responses: at most max_connections, as WebSockets
+
     def routes(self) -> list[BaseRoute]:
         e = self.endpoint
         return [
@@ -280,6 +286,8 @@ class ChatRoutes(PlainRoutes):
     async def reply_events(self, request: Request) -> Response:
         user = await self._reader(request)
         after = _after(request)
+        if self.streams >= self.settings.max_connections:
+            raise PlainError(503, f"at most {self.settings.max_connections} event streams at once; try again")
         found = await self.core.find_reply(user, request.path_params["chat"], request.path_params["message"])
         if isinstance(found, StoredReply):
             if found.status == "generating":
@@ -305,9 +313,10 @@ class ChatRoutes(PlainRoutes):
 
     async def _live(self, reply: Reply, after: int) -> AsyncIterator[ServerSentEvent]:
         reader = _Reader(after + 1)
-        yield ServerSentEvent(retry=RECONNECT_MS, sep="\n")
-        reply.attach(reader, after + 1)
+        self.streams += 1
         try:
+            yield ServerSentEvent(retry=RECONNECT_MS, sep="\n")
+            reply.attach(reader, after + 1)
             while True:
                 await reader.wake.wait()
                 reader.wake.clear()
@@ -317,14 +326,19 @@ class ChatRoutes(PlainRoutes):
                     yield data_event(live_end(reply, reader.result), event_id=reader.result.completion_tokens)
                     return
         finally:
+            self.streams -= 1
             reply.detach(self.settings.disconnect_grace_s, reader)
 
     async def _replay(self, stored: StoredReply, after: int) -> AsyncIterator[ServerSentEvent]:
-        yield ServerSentEvent(retry=RECONNECT_MS, sep="\n")
-        for delta in stored_deltas(stored):
-            if delta.index + delta.tokens > after + 1:
-                yield token_event(delta)
-        yield data_event(stored_end(stored), event_id=len(stored.token_ids))
+        self.streams += 1
+        try:
+            yield ServerSentEvent(retry=RECONNECT_MS, sep="\n")
+            for delta in stored_deltas(stored):
+                if delta.index + delta.tokens > after + 1:
+                    yield token_event(delta)
+            yield data_event(stored_end(stored), event_id=len(stored.token_ids))
+        finally:
+            self.streams -= 1
 
     # ---- helpers -------------------------------------------------------------------------
 
