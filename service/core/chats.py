@@ -125,7 +125,7 @@ class ChatCore:
         self.replies = Replies(on_change)
         self.draining = False
         self._record: Finisher = record or self.record
-        self._posting: dict[UUID, UUID] = {}  # chat id -> user id, while post() starts a turn
+        self._posting: set[tuple[UUID, UUID]] = set()  # (user id, chat id) while post() starts a turn
 
     # ---- who and how ---------------------------------------------------------------------
 
@@ -262,22 +262,23 @@ class ChatCore:
         chat_id = parse_id(chat)
         if chat_id is None:
             raise NotFound("no such chat")
-        if chat_id in self._posting or self.replies.of_chat(user.id, chat_id):
+        claim = (user.id, chat_id)
+        if claim in self._posting or self.replies.of_chat(user.id, chat_id):
             raise Busy("this chat is already generating a reply")
         running = sum(1 for r in self.replies.of_user(user.id) if r.chat_id is not None)
-        running += sum(1 for owner in self._posting.values() if owner == user.id)
+        running += sum(1 for owner, _ in self._posting if owner == user.id)
         if running >= self.settings.max_sessions:
             raise TooManyRequests(
                 f"at most {self.settings.max_sessions} replies at once per user; {running} are running"
             )
-        self._posting[chat_id] = user.id
+        self._posting.add(claim)
         try:
             conversation, _ = await self.open(
                 user, chat=chat, model=None, title=None, system=None, params=frames.Params()
             )
             reply = await self.send(conversation, text, params, sent_at=sent_at)
         finally:
-            del self._posting[chat_id]
+            self._posting.discard(claim)
         reply.independent = True
         return reply
 
