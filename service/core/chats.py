@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 from uuid import UUID
 
@@ -26,7 +26,7 @@ from service.engine.beam import ScorerName
 from service.engine.engine import Engine, GenerationStream
 from service.engine.prefix_index import common_prefix
 from service.engine.tokenizer import ChatMessage
-from service.engine.types import BeamResult, ChatKey, FinishReason, GenerationResult, SamplingParams
+from service.engine.types import BeamResult, ChatKey, Delta, FinishReason, GenerationResult, SamplingParams
 from service.errors import (
     Busy,
     Draining,
@@ -38,7 +38,7 @@ from service.errors import (
 )
 from service.model_pool import ModelPool
 from service.protocol import codec, frames
-from service.store.records import Completion, StoredMessage, User, parse_id
+from service.store.records import Completion, StoredMessage, StoredReply, User, parse_id
 from service.store.store import Store
 
 log = logging.getLogger(__name__)
@@ -51,12 +51,21 @@ _STORED_STATUS = {
 }
 
 
-def completion(result: GenerationResult) -> Completion:
-    """What the database keeps of a finished generation."""
+def stored_status(reason: FinishReason) -> str:
+    """The status a reply that ended for ``reason`` is stored with."""
+    return _STORED_STATUS[reason]
+
+
+def completion(result: GenerationResult, deltas: Sequence[Delta] = ()) -> Completion:
+    """What the database keeps of a finished generation; with its ``deltas``, how it streamed
+    (kept only when they account for its tokens and text exactly, as the engine's always do)."""
+    delta_tokens = [d.tokens for d in deltas]
+    delta_chars = [len(d.text) for d in deltas]
+    exact = sum(delta_tokens) == result.completion_tokens and sum(delta_chars) == len(result.text)
     return Completion(
         text=result.text,
         token_ids=result.token_ids,
-        status=_STORED_STATUS[result.reason],
+        status=stored_status(result.reason),
         prompt_tokens=result.prompt_tokens,
         cached_tokens=result.cached_tokens,
         completion_tokens=result.completion_tokens,
@@ -65,7 +74,27 @@ def completion(result: GenerationResult) -> Completion:
         total_ms=result.total_ms,
         tokens_per_s=result.tokens_per_s,
         error=result.error,
+        delta_tokens=delta_tokens if exact else None,
+        delta_chars=delta_chars if exact else None,
+        reason=result.reason.value,
     )
+
+
+def stored_deltas(stored: StoredReply) -> list[Delta]:
+    """A finished reply's deltas as it streamed them (one delta covering every token and the
+    whole text where the stored row does not say how it streamed)."""
+    tokens, chars = stored.delta_tokens, stored.delta_chars
+    if tokens is None or chars is None or len(tokens) != len(chars):
+        tokens, chars = [len(stored.token_ids)], [len(stored.text)]
+    deltas: list[Delta] = []
+    index = offset = 0
+    for covered, length in zip(tokens, chars, strict=True):
+        if covered <= 0:
+            continue
+        deltas.append(Delta(index=index, text=stored.text[offset : offset + length], tokens=covered))
+        index += covered
+        offset += length
+    return deltas
 
 
 def _refused(message: str, prompt_tokens: int) -> Completion:
@@ -106,6 +135,7 @@ class ChatCore:
         self.replies = Replies(on_change)
         self.draining = False
         self._record: Finisher = record or self.record
+        self._posting: set[tuple[UUID, UUID]] = set()  # (user id, chat id) while post() starts a turn
 
     # ---- who and how ---------------------------------------------------------------------
 
@@ -198,7 +228,7 @@ class ChatCore:
         engine.check(prompt, sampling)  # InvalidParams, ContextOverflow, QueueFull
         offset = common_prefix(conversation.token_ids, prompt)
         message_id = uuid.uuid4()
-        await self.store.begin_turn(
+        user_message = await self.store.begin_turn(
             conversation.chat_id,
             user_text=text,
             user_token_ids=prompt[offset:],
@@ -213,6 +243,7 @@ class ChatCore:
         except ServiceError as exc:  # the queue filled up since the check: the turn ends as an error
             await self.store.finish_message(message_id, _refused(str(exc), len(prompt)))
             raise
+        reply.user_message_id = user_message.id
         reply.placed.set()
         conversation.messages = messages
         conversation.token_ids = prompt
@@ -231,6 +262,61 @@ class ChatCore:
         if reply is not None:
             conversation.reply = reply
         return reply
+
+    async def post(self, user: User, chat: str, text: str, params: frames.Params, *, sent_at: float) -> Reply:
+        """The next turn of a stored chat for a client that holds no session (the REST chat
+        API). At most one reply runs per chat (else ``Busy``) and ``max_sessions`` replies of
+        chats per user, whichever client started them (else ``TooManyRequests``). Nobody holds
+        the reply: it is ``independent``, runs to its end, and readers attach and detach as
+        they come and go."""
+        chat_id = parse_id(chat)
+        if chat_id is None:
+            raise NotFound("no such chat")
+        claim = (user.id, chat_id)
+        if claim in self._posting or self.replies.of_chat(user.id, chat_id):
+            raise Busy("this chat is already generating a reply")
+        running = sum(1 for r in self.replies.of_user(user.id) if r.chat_id is not None)
+        running += sum(1 for owner, _ in self._posting if owner == user.id)
+        if running >= self.settings.max_sessions:
+            raise TooManyRequests(
+                f"at most {self.settings.max_sessions} replies at once per user; {running} are running"
+            )
+        self._posting.add(claim)
+        try:
+            conversation, _ = await self.open(
+                user, chat=chat, model=None, title=None, system=None, params=frames.Params()
+            )
+            reply = await self.send(conversation, text, params, sent_at=sent_at)
+        finally:
+            self._posting.discard(claim)
+        reply.independent = True
+        return reply
+
+    async def find_reply(self, user: User, chat: str, message: str) -> Reply | StoredReply:
+        """The reply ``message`` of the user's chat: running here (or being stored), else as
+        stored (``status`` ``generating`` there: it runs on another instance, or its instance
+        died and is not swept yet). Raises ``NotFound`` for anything else, another user's
+        reply included."""
+        chat_id, message_id = parse_id(chat), parse_id(message)
+        if chat_id is None or message_id is None:
+            raise NotFound("no such reply in this chat")
+        reply = self.replies.find(message_id, user.id, chat_id)
+        if reply is not None:
+            return reply
+        # Not running here: a reply leaves the registry only once it is recorded.
+        stored = await self.store.reply(user.id, chat_id, message_id)
+        if stored is None:
+            raise NotFound("no such reply in this chat")
+        return stored
+
+    async def stop_reply(self, user: User, chat: str, message: str) -> Reply | StoredReply:
+        """Cancel the running reply ``message`` and wait until it is recorded; a finished one
+        is returned as it is."""
+        found = await self.find_reply(user, chat, message)
+        if isinstance(found, Reply):
+            found.cancel(CancelCause.STOP)
+            await found.done.wait()
+        return found
 
     async def delete_chat(self, user: User, chat: str) -> None:
         """Delete the chat, stop its replies and drop its KV caches; raises ``NotFound``."""
@@ -401,7 +487,7 @@ class ChatCore:
             self.replies.forget(reply)
 
     async def record(self, reply: Reply, result: GenerationResult) -> None:
-        await self.store.finish_message(reply.message_id, completion(result))
+        await self.store.finish_message(reply.message_id, completion(result, reply.deltas))
 
     def revoke(self, user_id: UUID) -> None:
         """The user's token was revoked: cancel their replies, including those waiting for a

@@ -1,5 +1,6 @@
-"""The running replies of a server, by message id: what shutdown drain, chat deletion,
-user revocation and ``resume`` reach. A reply stays here until its result is recorded."""
+"""The running replies of a server, by message id: what shutdown drain, chat deletion, user
+revocation, ``resume`` and the REST chat API's readers reach. A reply stays here until its
+result is recorded."""
 
 from __future__ import annotations
 
@@ -28,6 +29,18 @@ class Replies:
 
     def of_user(self, user_id: UUID) -> list[Reply]:
         return [r for r in self.running.values() if r.user_id == user_id]
+
+    def of_chat(self, user_id: UUID, chat_id: UUID) -> list[Reply]:
+        """The replies of this user's chat still running or being stored."""
+        return [r for r in self.running.values() if r.user_id == user_id and r.chat_id == chat_id]
+
+    def find(self, message_id: UUID | None, user_id: UUID, chat_id: UUID) -> Reply | None:
+        """The reply ``message_id`` of this user's chat while it runs or is being stored,
+        whoever holds it."""
+        reply = None if message_id is None else self.running.get(message_id)
+        if reply is None or reply.user_id != user_id or reply.chat_id != chat_id:
+            return None
+        return reply
 
     def detached(self, message_id: UUID | None, user_id: UUID, chat_id: UUID) -> Reply | None:
         """A running reply of this user's chat that no client holds."""

@@ -1,15 +1,17 @@
 """One reply being generated, owned from submit to its stored end.
 
-It pumps the engine's deltas to whichever sink holds it (a ``chat.v1`` session, an HTTP
-response), keeps them for replay, counts it in the metrics and records the result once,
+It pumps the engine's deltas to the sinks that hold it (a ``chat.v1`` session, HTTP
+responses), keeps them for replay, counts it in the metrics and records the result once,
 whatever ends it. A reply outlives a dropped WebSocket connection for the disconnect grace
 period: it is detached, keeps running, and can be attached to a new sink, which first gets
-the deltas it missed and then the live ones.
+the deltas it missed and then the live ones. A reply started by the REST chat API is
+``independent``: it runs to its end whether or not anyone holds it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -58,7 +60,9 @@ class Reply:
         # Set once the reply's place is stored (at once for a stateless reply): a reply that
         # ends sooner is recorded only then.
         self.placed = asyncio.Event()
-        self._sink: ReplySink | None = None
+        self.user_message_id: UUID | None = None  # a chat turn's: the user message it answers
+        self.independent = False  # never cancelled for want of a reader (see detach)
+        self._sinks: list[ReplySink] = []
         self._metrics = metrics
         self._on_finish = on_finish
         self._sent_at = sent_at
@@ -72,7 +76,12 @@ class Reply:
 
     @property
     def attached(self) -> bool:
-        return self._sink is not None
+        return bool(self._sinks)
+
+    @property
+    def deltas(self) -> list[Delta]:
+        """Every delta so far, in order: together they cover the generated tokens once."""
+        return list(self._deltas)
 
     @property
     def generated_tokens(self) -> int:
@@ -87,29 +96,39 @@ class Reply:
     def abandon(self) -> None:
         """The request was refused after the engine took it: cancel it, count and store nothing."""
         self.abandoned = True
-        self._sink = None
+        self._sinks.clear()
         self.placed.set()
         self.stream.cancel()
 
-    def detach(self, grace_s: float) -> None:
-        """The client is gone: keep running for ``grace_s`` seconds, then cancel."""
-        self._sink = None
+    def detach(self, grace_s: float, sink: ReplySink | None = None) -> None:
+        """The client of ``sink`` (of every sink, when None) is gone: once no sink holds the
+        reply, it keeps running for ``grace_s`` seconds, then is cancelled (an ``independent``
+        reply runs on to its end)."""
+        if sink is None:
+            self._sinks.clear()
+        else:
+            with contextlib.suppress(ValueError):
+                self._sinks.remove(sink)
+        if self._sinks or self.independent:
+            return
         if grace_s <= 0:
             self.cancel(CancelCause.DISCONNECT)
         else:
+            if self._grace_timer is not None:
+                self._grace_timer.cancel()
             loop = asyncio.get_running_loop()
             self._grace_timer = loop.call_later(grace_s, self.cancel, CancelCause.DISCONNECT)
 
     def attach(self, sink: ReplySink, from_index: int = 0) -> None:
         """Send ``sink`` the deltas from token ``from_index`` on, then the live ones (and the
-        end, if it has come already)."""
+        end, if it has come already). Several sinks may hold a reply at once."""
         if self._grace_timer is not None:
             self._grace_timer.cancel()
             self._grace_timer = None
         for delta in self._deltas:
             if delta.index + delta.tokens > from_index:
                 sink.delta(delta)
-        self._sink = sink
+        self._sinks.append(sink)
         if self.done.is_set() and self.result is not None:
             sink.done(self, self.result)
 
@@ -128,8 +147,8 @@ class Reply:
             self._metrics.inter_token.observe(now - self._last_delta_at)
         self._last_delta_at = now
         self._deltas.append(event)
-        if self._sink is not None:
-            self._sink.delta(event)
+        for sink in self._sinks:
+            sink.delta(event)
 
     async def _finish(self, result: GenerationResult) -> None:
         """Record the reply (before ``done``, so a client that reads history after ``done``
@@ -143,8 +162,8 @@ class Reply:
         finally:
             if self._grace_timer is not None:
                 self._grace_timer.cancel()
-            if self._sink is not None:
-                self._sink.done(self, result)
+            for sink in list(self._sinks):
+                sink.done(self, result)
             self.done.set()
 
     def _count(self, result: GenerationResult) -> None:

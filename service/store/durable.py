@@ -12,7 +12,7 @@ Why a subclass: the server calls the same methods whether the database is up or 
   ``opened``, ``send`` still streams, and ``done`` is sent as soon as the reply is *queued*. It
   does not wait for the database (that could be forever): the reply is durable only once the
   journal drains, and is lost if this process dies first (logged loudly at shutdown).
-- **Reads** (``get_chat``, ``messages``, ``list_chats``, ``delete_chat``) are refused with
+- **Reads** (``get_chat``, ``messages``, ``reply``, ``list_chats``, ``delete_chat``) are refused with
   :class:`StoreUnavailable` while writes are pending, even once the database answers again, so
   no client ever reads a history that lacks a message it was told about (read-your-writes holds
   across the outage); each refusal also asks the journal to retry now.
@@ -46,6 +46,7 @@ from service.store.records import (
     ChatSummary,
     Completion,
     StoredMessage,
+    StoredReply,
     User,
 )
 from service.store.store import Store, _pg_text
@@ -220,6 +221,9 @@ class DurableStore(Store):
         self, user_id: UUID, chat_id: UUID, *, limit: int | None = None, before: UUID | None = None
     ) -> list[StoredMessage] | None:
         return await self._read(lambda: Store.messages(self, user_id, chat_id, limit=limit, before=before))
+
+    async def reply(self, user_id: UUID, chat_id: UUID, message_id: UUID) -> StoredReply | None:
+        return await self._read(lambda: Store.reply(self, user_id, chat_id, message_id))
 
     async def delete_chat(self, user_id: UUID, chat_id: UUID) -> bool:
         # Behind the gate too: a pending write of the chat must not be replayed after its deletion.

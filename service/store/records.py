@@ -113,3 +113,33 @@ class Completion:
     total_ms: float
     tokens_per_s: float
     error: str | None = None
+    # How it streamed (see sql/0003_reply_deltas.sql): per delta, the tokens it covered and the
+    # characters it carried; and the engine's finish reason. None where unknown.
+    delta_tokens: list[int] | None = None
+    delta_chars: list[int] | None = None
+    reason: str | None = None  # stop | length | cancelled | error
+
+
+@dataclass(frozen=True, slots=True)
+class StoredReply:
+    """An assistant message as the REST chat API replays it: its stored end and how it streamed.
+
+    ``status`` may be ``generating``: the reply runs (on this instance or another) or its instance
+    died and no sweeper has marked it ``interrupted`` yet.
+    """
+
+    id: UUID
+    chat_id: UUID
+    status: str  # generating | complete | cancelled | error | interrupted
+    text: str
+    token_ids: list[int]
+    delta_tokens: list[int] | None
+    delta_chars: list[int] | None
+    reason: str | None
+    prompt_tokens: int | None
+    cached_tokens: int | None
+    queued_ms: float | None
+    ttft_ms: float | None
+    total_ms: float | None
+    tokens_per_s: float | None
+    error: str | None

@@ -34,6 +34,7 @@ from service.store.records import (
     ChatSummary,
     Completion,
     StoredMessage,
+    StoredReply,
     User,
     UserRecord,
     title_from,
@@ -463,7 +464,8 @@ class Store:
                     SET text = $2, token_ids = $3, status = $4,
                         prompt_tokens = $5, cached_tokens = $6, completion_tokens = $7,
                         queued_ms = $8, ttft_ms = $9, total_ms = $10, tokens_per_s = $11,
-                        error = $12, finished_at = now()
+                        error = $12, delta_tokens = $13, delta_chars = $14, finish_reason = $15,
+                        finished_at = now()
                     WHERE id = $1 AND role = 'assistant'
                     RETURNING chat_id
                 )
@@ -481,7 +483,46 @@ class Store:
                 completion.total_ms,
                 completion.tokens_per_s,
                 _pg_text(completion.error),
+                completion.delta_tokens,
+                completion.delta_chars,
+                completion.reason,
             )
+
+    async def reply(self, user_id: UUID, chat_id: UUID, message_id: UUID) -> StoredReply | None:
+        """The assistant message ``message_id`` of the user's chat, in any status (``generating``
+        included); None when there is no such reply in a chat of this user's."""
+        async with self._connection() as conn:
+            row = await conn.fetchrow(
+                """
+                SELECT m.id, m.chat_id, m.status, m.text, m.token_ids, m.delta_tokens, m.delta_chars,
+                       m.finish_reason, m.prompt_tokens, m.cached_tokens, m.queued_ms, m.ttft_ms,
+                       m.total_ms, m.tokens_per_s, m.error
+                FROM messages m JOIN chats c ON c.id = m.chat_id
+                WHERE m.id = $1 AND m.chat_id = $2 AND c.user_id = $3 AND m.role = 'assistant'
+                """,
+                message_id,
+                chat_id,
+                user_id,
+            )
+        if row is None:
+            return None
+        return StoredReply(
+            id=row["id"],
+            chat_id=row["chat_id"],
+            status=row["status"],
+            text=row["text"],
+            token_ids=list(row["token_ids"]),
+            delta_tokens=None if row["delta_tokens"] is None else list(row["delta_tokens"]),
+            delta_chars=None if row["delta_chars"] is None else list(row["delta_chars"]),
+            reason=row["finish_reason"],
+            prompt_tokens=row["prompt_tokens"],
+            cached_tokens=row["cached_tokens"],
+            queued_ms=row["queued_ms"],
+            ttft_ms=row["ttft_ms"],
+            total_ms=row["total_ms"],
+            tokens_per_s=row["tokens_per_s"],
+            error=row["error"],
+        )
 
     async def delete_chat(self, user_id: UUID, chat_id: UUID) -> bool:
         """Delete the chat and its messages; False when it is not the user's (or does not exist)."""

@@ -6,9 +6,12 @@ import asyncio
 import http.client
 
 import orjson
+from starlette.routing import Route
 
 from service.server import ChatServer
+from service.transports.http.routes import plain_routes
 from tests.engine_gate import GateFactory
+from tests.protocol.openapi_check import operations
 from tests.service.client import TIMEOUT_S, Client
 from tests.service.conftest import ws_url
 
@@ -99,3 +102,16 @@ async def test_websocket_only_on_ws_path(server: ChatServer) -> None:
     c = await Client.connect(ws_url(server))
     assert c.ws.subprotocol == "chat.v1"
     await c.close()
+
+
+async def test_schema_openapi_describes_exactly_the_plain_routes(server: ChatServer) -> None:
+    """schema/openapi.yaml has every plain HTTP route the server answers (generation, beam search,
+    REST chats) and no other."""
+    served = {
+        (method, route.path)
+        for route in plain_routes(server.core, server.settings.server)
+        if isinstance(route, Route)
+        for method in route.methods or ()
+        if method != "HEAD"
+    }
+    assert served == operations()

@@ -26,7 +26,14 @@ from service.engine.tokenizer import ChatMessage
 from service.engine.types import Delta, FinishReason, GenerationResult
 from service.store.records import User
 from service.transports.http.held import HeldReplies
-from service.transports.http.plain import PlainError, PlainRoutes, data_event, messages_from, params_from
+from service.transports.http.plain import (
+    PlainError,
+    PlainRoutes,
+    data_event,
+    messages_from,
+    params_from,
+    token_data,
+)
 
 
 def usage(result: GenerationResult) -> dict[str, int]:
@@ -202,10 +209,7 @@ async def _stream(held: HeldReplies) -> AsyncIterator[ServerSentEvent]:
             _, event = await held.next()
             if isinstance(event, Delta):
                 if event.text:
-                    token: dict[str, Any] = {"token": event.text, "index": event.index}
-                    if event.tokens > 1:
-                        token["tokens"] = event.tokens
-                    yield data_event(token)
+                    yield data_event(token_data(event))
                 continue
             failed = failure(event)
             if failed is not None:

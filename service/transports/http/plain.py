@@ -21,6 +21,7 @@ from service.config import ServerSettings
 from service.core.chats import ChatCore
 from service.engine.engine import Engine
 from service.engine.tokenizer import ChatMessage
+from service.engine.types import Delta
 from service.errors import (
     Busy,
     ContextOverflow,
@@ -189,6 +190,16 @@ def messages_from(value: object) -> list[ChatMessage]:
     if messages[-1]["role"] != "user":
         raise PlainError(400, "the last message must be the user's")
     return messages
+
+
+def token_data(delta: Delta) -> dict[str, Any]:
+    """A token event's data: ``{"token", "index"}``, ``index`` the first generated token the text
+    covers, with ``tokens`` when it covers more than one (a character split across tokens waits
+    until it is whole)."""
+    data: dict[str, Any] = {"token": delta.text, "index": delta.index}
+    if delta.tokens > 1:
+        data["tokens"] = delta.tokens
+    return data
 
 
 def data_event(payload: dict[str, Any], *, event_id: int | None = None) -> ServerSentEvent:

@@ -321,7 +321,8 @@ class Connection:
         for session in self.sessions.values():
             reply = session.conversation.reply
             if reply is not None and session.conversation.generating:
-                reply.detach(grace)
+                # Equal to the sink this session attached (a REST reader of the reply stays).
+                reply.detach(grace, SessionSink(self.outbox, session.name))
             self.core.metrics.sessions.dec()
         self.sessions.clear()
 
