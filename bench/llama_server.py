@@ -198,7 +198,9 @@ async def llama_server(
     log: deque[bytes] = deque(maxlen=200)  # its last lines, for an error message
     drain = asyncio.create_task(_keep_tail(process.stderr, log))
     base = f"http://127.0.0.1:{port}"
-    limits = httpx.Limits(max_connections=4 * slots, max_keepalive_connections=4 * slots)
+    # A connection per request: llama-server sometimes closes a kept-alive connection just as the
+    # next request goes out on it ("Server disconnected without sending a response").
+    limits = httpx.Limits(max_connections=4 * slots, max_keepalive_connections=0)
     async with httpx.AsyncClient(timeout=httpx.Timeout(900.0), limits=limits) as client:
         try:
             deadline = time.monotonic() + 600
