@@ -310,7 +310,12 @@ async def bench_one(model: BenchModel, args: argparse.Namespace, binary: Path) -
                 )
             llama = await stack.enter_async_context(
                 llama_server.llama_server(
-                    binary, model.gguf, threads=args.threads, slots=CHATS, context=CONTEXT
+                    binary,
+                    model.gguf,
+                    threads=args.threads,
+                    slots=CHATS,
+                    context=CONTEXT,
+                    extra=args.llama_arg,
                 )
             )
             servers.append(LlamaServerAdapter("llama-server", llama.pid, llama))
@@ -360,6 +365,7 @@ async def bench(args: argparse.Namespace, binary: Path) -> dict[str, Any]:
     return {
         "models": results,
         "llama_server_version": llama_server.version(binary),
+        "llama_server_extra_args": args.llama_arg,
         "threads": args.threads,
         "rounds": args.rounds,
         "max_tokens": args.tokens,
@@ -421,6 +427,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"build llama-server into {LLAMA_CACHE} first (once; 8+ minutes on 2 cores)",
     )
     parser.add_argument("--llama-server", type=Path, default=None, help="use this llama-server binary")
+    parser.add_argument(
+        "--llama-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="an extra llama-server argument (repeatable; e.g. --llama-arg=--poll --llama-arg=0)",
+    )
     parser.add_argument(
         "--data-dir", type=Path, default=REPO_ROOT / ".cache", help="model cache (default <repo>/.cache)"
     )

@@ -18,7 +18,7 @@ import tarfile
 import tempfile
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,15 +181,15 @@ async def _keep_tail(stream: asyncio.StreamReader, tail: deque[bytes]) -> None:
 
 @asynccontextmanager
 async def llama_server(
-    binary: Path, gguf: Path, *, threads: int, slots: int, context: int
+    binary: Path, gguf: Path, *, threads: int, slots: int, context: int, extra: Sequence[str] = ()
 ) -> AsyncIterator[LlamaServer]:
     """``llama-server`` on ``gguf`` with ``slots`` parallel slots sharing one KV cache of
-    ``slots * context`` positions; waits for ``/health``, stops it on exit."""
+    ``slots * context`` positions (and ``extra`` arguments); waits for ``/health``, stops it on exit."""
     port = free_port()
     command = [
         str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
         "-t", str(threads), "-tb", str(threads), "-np", str(slots), "-c", str(slots * context),
-        "-kvu", "--no-webui",
+        "-kvu", "--no-webui", *extra,
     ]  # fmt: skip
     process = await asyncio.create_subprocess_exec(
         *command, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
