@@ -19,7 +19,7 @@ from gguf import GGMLQuantizationType as T
 from service.engine.models.gguf_source import GGUFSource
 from service.engine.models.onnx_builder import Precision, build_decoder
 from service.engine.models.prepare import prepare_gguf
-from service.engine.models.registry import ModelSpec, cache_dir_for, describe_dir
+from service.engine.models.registry import ModelSpec, PreparedModel, cache_dir_for, describe_dir
 from service.engine.runner import Runner
 from tests.engine.quant_model import VOCAB as QUANT_VOCAB
 from tests.engine.quant_model import write_quant_gguf
@@ -30,13 +30,17 @@ MIN_AGREEMENT = 0.9
 
 
 @pytest.fixture(scope="module")
-def builds(tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: Path) -> dict[str, Path]:
+def builds(
+    tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: Path, tiny_model: PreparedModel
+) -> dict[str, Path]:
+    """The tiny model at int8 (the shared fixture) and fp16 (the same file: same seed), and a
+    Q4_K tiny model at native and native-fp16."""
     work = tmp_path_factory.mktemp("half")
     gguf_path = write_tiny_gguf(work / "tiny.gguf", smollm2_gguf)
     quant = write_quant_gguf(work / "tiny-q4k.gguf", T.Q4_K)
     made = {
-        str(p): prepare_gguf(gguf_path, work / str(p), precision=p, progress=False)
-        for p in (Precision.INT8, Precision.FP16)
+        "int8": tiny_model.directory,
+        "fp16": prepare_gguf(gguf_path, work / "fp16", precision=Precision.FP16, progress=False),
     }
     for p in (Precision.NATIVE, Precision.NATIVE_FP16):  # a file without a tokenizer: the graph only
         (work / f"q4k-{p}").mkdir()
