@@ -22,7 +22,8 @@ elsewhere). For each model:
   (random weights: speed does not depend on their values), same batches, same prompt.
 
 A check before the timings: greedy tokens of the default model on the device against the
-CPU provider's host pool (on ``--device cpu``: the device pool against the host pool).
+CPU provider's host pool (on ``--device cpu``: the device pool against the host pool), and
+slot copy and swap on the device pool (the moved cache must give the same next logits).
 Writes ``gpu.json`` into ``--out``.
 """
 
@@ -223,6 +224,27 @@ def check_tokens(model_file: Path, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def check_slot_moves(model_file: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Copy and swap on the device pool: the moved cache gives the same next logits."""
+    runner = Runner(
+        model_file, device=args.device, threads=args.threads, slots=4, max_len=64, kv_pool="device"
+    )
+    prompts = [[1, 520, 33, 77, 19, 8, 4000], [1, 99, 1000, 4, 2001]]
+    last = [_sync_forward(runner, slot, np.asarray([p]), [0]) for slot, p in enumerate(prompts)]
+
+    def step(slot: int, chat: int) -> np.ndarray:
+        return np.array(runner.forward(slot, np.asarray([[last[chat]]]), [len(prompts[chat])])[0])
+
+    expected = [step(0, 0), step(1, 1)]
+    runner.copy_slot(0, 3, len(prompts[0]))
+    copied = step(3, 0)
+    runner.swap_slots(0, 1, len(prompts[0]), len(prompts[1]))
+    swapped = [step(1, 0), step(0, 1)]
+    diffs = [copied - expected[0], swapped[0] - expected[0], swapped[1] - expected[1]]
+    worst = max(float(np.abs(d).max()) for d in diffs)
+    return {"copy_equal": bool(np.array_equal(copied, expected[0])), "max_abs_difference": worst}
+
+
 def models(args: argparse.Namespace) -> list[tuple[str, Path, dict[str, Any], str]]:
     """(name, model file, config, precision) of the default model and each synthetic shape."""
     out = []
@@ -261,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     prepared = models(args)
     results["check"] = check_tokens(prepared[0][1], args)
+    results["check"]["slot_moves"] = check_slot_moves(prepared[0][1], args)
     print(f"check: agreement {results['check']['agreement']:.3f} with the CPU provider", flush=True)
     for name, model_file, config, precision in prepared:
         entry: dict[str, Any] = {"precision": precision, "ours": bench_ours(model_file, args)}
