@@ -52,7 +52,7 @@ class PreparedModel:
     style: GraphStyle
     context_length: int  # the model's own; what is served may be less (loader.served_context)
     chat: bool = True  # False: a base model without a chat template (see service.engine.tokenizer)
-    kv_bytes_per_token: int = 0  # float32 KV cache of one position, all layers (0: unknown)
+    kv_bytes_per_token: int = 0  # KV cache of one position, all layers, in its float type (0: unknown)
     # What a generation uses for a sampling field the client leaves out (sampling_defaults.py).
     sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
 
