@@ -10,6 +10,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from service.config import EngineSettings
+from service.engine.loader import kv_slots
 from service.engine.models.onnx_builder import Precision
 from service.engine.models.registry import PreparedModel
 from service.engine.runner import Runner, choose_precision, resolve_device
@@ -92,3 +94,12 @@ def test_optimum_graphs_refuse_the_device_pool(tiny_model: PreparedModel, tmp_pa
             style="optimum",
             kv_pool="device",
         )
+
+
+def test_a_device_pool_holds_no_more_slots_than_the_kv_budget() -> None:
+    model = PreparedModel("m", Path("."), Path("m.onnx"), "genai", 4096, kv_bytes_per_token=2**16)
+    settings = EngineSettings(kv_slots=32, kv_budget_mb=1024)  # 1 GiB: 4 chats of 4096 x 64 KiB
+    assert kv_slots(model, settings, 4096, "cpu") == 32  # the host pool commits lazily
+    assert kv_slots(model, settings, 4096, "cuda") == 4
+    assert kv_slots(model, settings, 1024, "cuda") == 16
+    assert kv_slots(model, EngineSettings(kv_budget_mb=1), 4096, "cuda") == 1
