@@ -53,6 +53,14 @@ def cuda_answers() -> bool:
     libraries falls back to the CPU with only a logged error, so ask a tiny session."""
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         return False
+    # The CUDA and cuDNN libraries of the pip ``nvidia-*`` packages (onnxruntime-gpu's ``cuda`` and
+    # ``cudnn`` extras) are not on the loader's path: ORT (1.21+) can load them from there itself.
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is not None:
+        try:
+            preload(directory="")
+        except Exception as exc:  # best effort: LD_LIBRARY_PATH may provide them instead
+            log.debug("onnxruntime.preload_dlls: %s", exc)
     options = ort.SessionOptions()
     options.log_severity_level = 4
     graph = copy_graph(1, TensorProto.FLOAT)
