@@ -1,5 +1,9 @@
 """Synthetic GGUF files in the exact shapes of real models, for benchmarks at real sizes.
 
+Shapes: Llama 3.2 1B, Llama 3.1 8B, Qwen2.5 0.5B, and ``llama-tiny`` (for checking
+benchmarks on the CPU). The vocabulary is SmolLM2's (49152 tokens), not the real models'
+(Llama 3's is 128256), so the embedding table and lm_head are smaller than the originals.
+
     .venv/bin/python bench/models.py [--data-dir DIR] [--shape llama-3.2-1b] [--type Q4_0] ...
 
 Speed does not depend on the weights' values, so the weights are random bytes in each
@@ -56,6 +60,25 @@ SHAPES = {
             heads=32,
             kv_heads=8,
             rope_theta=500000.0,
+        ),
+        Shape(
+            "llama-3.1-8b",
+            hidden=4096,
+            intermediate=14336,
+            layers=32,
+            heads=32,
+            kv_heads=8,
+            rope_theta=500000.0,
+        ),
+        # A shape small enough to run bench/gpu.sh on the CPU as its check (DEVICE=cpu).
+        Shape(
+            "llama-tiny",
+            hidden=256,
+            intermediate=512,
+            layers=2,
+            heads=4,
+            kv_heads=2,
+            rope_theta=10000.0,
         ),
         Shape(
             "qwen2.5-0.5b",

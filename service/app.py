@@ -17,7 +17,7 @@ import signal
 from collections.abc import AsyncIterator
 
 from service.config import ServiceSettings
-from service.engine.models.onnx_builder import Precision
+from service.engine.runner import choose_precision
 from service.model_pool import ModelPool
 from service.server import ChatServer
 from service.store.durable import DurableStore
@@ -78,9 +78,8 @@ async def running_service(settings: ServiceSettings) -> AsyncIterator[ChatServer
     settings = settings.with_instance_name()
     async with database(settings) as (store, where), keep_lease(store, settings) as instance:
         local_user = await store.local_user()
-        models = await ModelPool.prepare(
-            list(settings.models), settings.data_dir, Precision(settings.precision), settings.engine
-        )
+        precision = choose_precision(settings.precision, settings.engine.device)
+        models = await ModelPool.prepare(list(settings.models), settings.data_dir, precision, settings.engine)
         try:
             server = ChatServer(settings, store, models, local_user)
             server.metrics.describe_instance(instance.name, str(instance.id))

@@ -18,8 +18,8 @@ import time
 from service.cli.options import add_engine_arguments, data_dir, engine_settings
 from service.engine.engine import GenerationStream
 from service.engine.loader import load_engine
-from service.engine.models.onnx_builder import Precision
 from service.engine.models.registry import parse_model_arg, resolve
+from service.engine.runner import choose_precision
 from service.engine.tokenizer import ChatMessage
 from service.engine.types import ChatKey, GenerationResult, SamplingParams
 from service.errors import ServiceError
@@ -64,7 +64,7 @@ async def _chat(args: argparse.Namespace) -> int:
         resolve,
         parse_model_arg(args.model),
         data_dir(args),
-        precision=Precision(args.precision),
+        precision=choose_precision(args.precision, args.device),
         progress=True,
     )
     engine = await asyncio.to_thread(load_engine, model, engine_settings(args))

@@ -19,10 +19,11 @@ class ModelShape:
     num_kv_heads: int
     head_dim: int
     vocab_size: int
+    kv_itemsize: int = 4  # bytes per cached value: 4 (float32) or 2 (float16)
 
     @property
     def kv_bytes_per_token(self) -> int:
-        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * 4
+        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * self.kv_itemsize
 
 
 class ModelRunner(Protocol):

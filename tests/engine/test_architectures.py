@@ -50,7 +50,8 @@ def _teacher_forced_top1(model_file: Path, ids: list[int]) -> np.ndarray:
 
 
 def test_quantized_builds_follow_the_fp32_build(source: GGUFSource, tmp_path: Path) -> None:
-    """int8 agrees with fp32 on >= 90 % of teacher-forced top-1 predictions; int4 runs (agreement printed)."""
+    """int8 agrees with fp32 on >= 90 % of teacher-forced top-1 predictions; int4 runs (agreement
+    printed); the float16 builds agree with their float32 twins as closely."""
     top1: dict[Precision, np.ndarray] = {}
     for precision in Precision:
         model_file = tmp_path / str(precision) / "model.onnx"
@@ -60,10 +61,18 @@ def test_quantized_builds_follow_the_fp32_build(source: GGUFSource, tmp_path: Pa
     int8 = float(np.mean(top1[Precision.INT8] == top1[Precision.FP32]))
     int4 = float(np.mean(top1[Precision.INT4] == top1[Precision.FP32]))
     native = float(np.mean(top1[Precision.NATIVE] == top1[Precision.FP32]))
+    # The CUDA builds, run here on the CPU provider: int8 and native in float16.
+    fp16 = float(np.mean(top1[Precision.FP16] == top1[Precision.INT8]))
+    native_fp16 = float(np.mean(top1[Precision.NATIVE_FP16] == top1[Precision.NATIVE]))
     arch = source.config.architecture
-    print(f"\n{arch}: int8 {int8:.0%}, int4 {int4:.0%}, native {native:.0%} of fp32's top-1")
+    print(
+        f"\n{arch}: int8 {int8:.0%}, int4 {int4:.0%}, native {native:.0%} of fp32's top-1; "
+        f"fp16 {fp16:.0%} of int8's, native-fp16 {native_fp16:.0%} of native's"
+    )
     assert int8 >= MIN_INT8_AGREEMENT
     assert native >= MIN_INT8_AGREEMENT  # Q8_0 attention in its own bits, F16 MLP at int8
+    assert fp16 >= MIN_INT8_AGREEMENT
+    assert native_fp16 >= MIN_INT8_AGREEMENT
 
 
 def test_native_build_in_fp32_is_the_file(source: GGUFSource, smollm2_gguf: Path, tmp_path: Path) -> None:

@@ -7,8 +7,8 @@ import sys
 import time
 
 from service.cli.options import add_model_arguments, data_dir
-from service.engine.models.onnx_builder import Precision
 from service.engine.models.registry import parse_model_arg, resolve
+from service.engine.runner import choose_precision
 from service.errors import ModelError
 
 
@@ -36,7 +36,7 @@ def prepare(args: argparse.Namespace) -> int:
         prepared = resolve(
             parse_model_arg(args.model),
             data_dir(args),
-            precision=Precision(args.precision),
+            precision=choose_precision(args.precision, "auto"),
             progress=not args.quiet,
         )
     except ModelError as exc:

@@ -28,11 +28,20 @@ class GraphSink(Protocol):
     ) -> object: ...
 
 
-def emit_native_linear(g: GraphSink, name: str, x: str, weight: NativeWeight, accuracy_level: int) -> str:
-    """Add the nodes computing ``x @ weight.T`` for ``x`` [..., K]; return the output's name."""
+def emit_native_linear(
+    g: GraphSink,
+    name: str,
+    x: str,
+    weight: NativeWeight,
+    accuracy_level: int,
+    float_type: type[np.floating[Any]] = np.float32,
+) -> str:
+    """Add the nodes computing ``x @ weight.T`` for ``x`` [..., K] of ``float_type`` (the scales
+    and minimums take that type too); return the output's name."""
     out = f"{name}/out"
     main = f"{name}/nbits" if weight.mins is not None else out
-    inputs = [x, g.init(f"{name}.qweight", weight.packed()), g.init(f"{name}.scales", weight.flat_scales())]
+    scales = weight.flat_scales().astype(float_type)
+    inputs = [x, g.init(f"{name}.qweight", weight.packed()), g.init(f"{name}.scales", scales)]
     zero_points = weight.zero_points()
     if zero_points is not None:
         inputs.append(g.init(f"{name}.qzeros", zero_points))
@@ -43,7 +52,8 @@ def emit_native_linear(g: GraphSink, name: str, x: str, weight: NativeWeight, ac
     if weight.mins is None:
         return out
     blocksum = _blocksum(g, x, weight.k, weight.block_size)
-    g.node("MatMul", [blocksum, g.init(f"{name}.mins", weight.mins.T)], [f"{name}/min_term"])
+    mins = g.init(f"{name}.mins", weight.mins.T.astype(float_type))
+    g.node("MatMul", [blocksum, mins], [f"{name}/min_term"])
     g.node("Add", [main, f"{name}/min_term"], [out])
     return out
 

@@ -13,10 +13,16 @@ our runner and in ``onnxruntime_genai`` (for side-by-side benchmarks):
   values and bits, see :mod:`native_quant`) or plain ``MatMul`` (fp32);
 * an lm_head that computes logits for the last position only.
 
+The float type of activations, KV cache and logits is float32, or float16 for the ``fp16``
+and ``native-fp16`` builds (the CUDA precisions: GroupQueryAttention on CUDA takes fp16 or
+bf16 only). There every float initializer is fp16 too, MatMulNBits scales included, so the
+graph holds no Cast. bf16 is not built: ORT's CPU provider has no bf16 kernels for these ops,
+so nothing here could run or check such a graph.
+
 Inputs: ``input_ids`` int64 [batch, seq], ``attention_mask`` int64 [batch, total]
 (only its row sums and width are used: row sum = valid length of that row's cache after
-this step), ``past_key_values.{i}.key|value``. Outputs: ``logits`` float32
-[batch, 1, vocab], ``present.{i}.key|value``.
+this step), ``past_key_values.{i}.key|value``. Outputs: ``logits`` [batch, 1, vocab],
+``present.{i}.key|value`` (all in the build's float type).
 
 Weights are read one tensor at a time and written straight to the external data file as
 they are converted, so memory stays near one float32 tensor whatever the model's size.
@@ -53,6 +59,18 @@ class Precision(StrEnum):
     INT8 = "int8"
     INT4 = "int4"
     FP32 = "fp32"
+    FP16 = "fp16"  # int8 weights as INT8, everything else (scales, activations, KV) in float16
+    NATIVE_FP16 = "native-fp16"  # NATIVE's weights, float16 elsewhere
+
+    @property
+    def half(self) -> bool:
+        """Whether activations, KV cache and logits are float16."""
+        return self in (Precision.FP16, Precision.NATIVE_FP16)
+
+    @property
+    def weights(self) -> Precision:
+        """How the weights are stored, whatever the float type around them."""
+        return {Precision.FP16: Precision.INT8, Precision.NATIVE_FP16: Precision.NATIVE}.get(self, self)
 
 
 class WeightSource(Protocol):
@@ -175,7 +193,8 @@ class _Graph:
     """Nodes and initializers; large initializers go straight to the external data file."""
 
     def __init__(self, precision: Precision, accuracy_level: int, data: BinaryIO, data_name: str) -> None:
-        self.precision = precision
+        self.precision = precision.weights
+        self.float_type: type[np.floating[Any]] = np.float16 if precision.half else np.float32
         self.accuracy_level = accuracy_level
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
@@ -203,6 +222,10 @@ class _Graph:
         self.initializers.append(tensor)
         return name
 
+    def floats(self, name: str, array: np.ndarray) -> str:
+        """An initializer in the graph's float type (float16 in the half builds)."""
+        return self.init(name, np.asarray(array, dtype=self.float_type))
+
     def node(self, op: str, inputs: list[str], outputs: list[str], domain: str = "", **attrs: Any) -> str:
         self.nodes.append(
             helper.make_node(op, inputs, outputs, name=outputs[0] + "/" + op, domain=domain, **attrs)
@@ -215,12 +238,12 @@ class _Graph:
         """y = x @ weight.T (+ bias) for a float32 weight [out, in] or a GGUF one in its own bits."""
         out = f"{name}/out"
         if isinstance(weight, NativeWeight):
-            out = emit_native_linear(self, name, x, weight, self.accuracy_level)
+            out = emit_native_linear(self, name, x, weight, self.accuracy_level, self.float_type)
         elif self.precision is Precision.FP32:
-            self.node("MatMul", [x, self.init(f"{name}.weight", weight.T)], [out])
+            self.node("MatMul", [x, self.floats(f"{name}.weight", weight.T)], [out])
         else:
             q = _quantize_in_slices(weight, 4 if self.precision is Precision.INT4 else 8)
-            inputs = [x, self.init(f"{name}.qweight", q.packed), self.init(f"{name}.scales", q.scales)]
+            inputs = [x, self.init(f"{name}.qweight", q.packed), self.floats(f"{name}.scales", q.scales)]
             if q.zero_points is not None:
                 inputs.append(self.init(f"{name}.qzeros", q.zero_points))
             self.node(
@@ -229,11 +252,11 @@ class _Graph:
             )  # fmt: skip
         if bias is None:
             return out
-        return self.node("Add", [out, self.init(f"{name}.bias", bias)], [f"{name}/biased"])
+        return self.node("Add", [out, self.floats(f"{name}.bias", bias)], [f"{name}/biased"])
 
     def rms_norm(self, name: str, x: str, weight: np.ndarray, eps: float) -> str:
         return self.node(
-            "SimplifiedLayerNormalization", [x, self.init(f"{name}.weight", weight)], [f"{name}/out"],
+            "SimplifiedLayerNormalization", [x, self.floats(f"{name}.weight", weight)], [f"{name}/out"],
             axis=-1, epsilon=eps, stash_type=1,
         )  # fmt: skip
 
@@ -243,7 +266,7 @@ class _Graph:
         """(norm(x + residual), x + residual)."""
         norm, total = f"{name}/out", f"{name}/sum"
         self.node(
-            "SkipSimplifiedLayerNormalization", [x, residual, self.init(f"{name}.weight", weight)],
+            "SkipSimplifiedLayerNormalization", [x, residual, self.floats(f"{name}.weight", weight)],
             [norm, "", "", total], domain=MS_DOMAIN, epsilon=eps,
         )  # fmt: skip
         return norm, total
@@ -293,9 +316,9 @@ def build_decoder(
     data_name = model_path.name + ".data"
     with (model_path.parent / data_name).open("wb") as data:
         g = _Graph(precision, accuracy_level, data, data_name)
-        read = _Reader(source, on_tensor, native=precision is Precision.NATIVE)
+        read = _Reader(source, on_tensor, native=precision.weights is Precision.NATIVE)
         _Builder(g, source.config, source.architecture, read).build(max_positions)
-    model = _model_proto(g, source.config)
+    model = _model_proto(g, source.config, TensorProto.FLOAT16 if precision.half else TensorProto.FLOAT)
     model_path.write_bytes(model.SerializeToString())
 
 
@@ -350,25 +373,26 @@ class _Builder:
             cfg.head_dim, cfg.rope_theta, linear_factor=cfg.rope_linear_factor, freq_factors=factors
         )
         cos, sin = rotary_caches(inv_freq, positions)
-        self.g.init("cos_cache", cos)
-        self.g.init("sin_cache", sin)
+        self.g.floats("cos_cache", cos)
+        self.g.floats("sin_cache", sin)
         if cfg.rope_local_theta is not None and any(cfg.is_local(i) for i in range(cfg.num_layers)):
             cos, sin = rotary_caches(inverse_frequencies(cfg.head_dim, cfg.rope_local_theta), positions)
-            self.g.init("cos_cache_local", cos)
-            self.g.init("sin_cache_local", sin)
+            self.g.floats("cos_cache_local", cos)
+            self.g.floats("sin_cache_local", sin)
 
     def _embedding(self, embed: np.ndarray) -> str:
         g = self.g
-        # Native keeps the file's values exactly: its (dequantized) table stays float32.
-        if g.precision in (Precision.FP32, Precision.NATIVE):
-            g.node("Gather", [g.init("embed_tokens.weight", embed), "input_ids"], ["embed/out"])
+        # Native keeps the file's values exactly: its (dequantized) table stays float32. The half
+        # builds look up float16 rows: their activations are float16 anyway.
+        if g.float_type is np.float16 or g.precision in (Precision.FP32, Precision.NATIVE):
+            g.node("Gather", [g.floats("embed_tokens.weight", embed), "input_ids"], ["embed/out"])
         else:  # half the memory of float32; the rounding is far below int8's
             table = g.init("embed_tokens.weight_fp16", embed.astype(np.float16))
             g.node("Gather", [table, "input_ids"], ["embed/fp16"])
             g.node("Cast", ["embed/fp16"], ["embed/out"], to=TensorProto.FLOAT)
         if not self.arch.scale_embeddings:
             return "embed/out"
-        scale = g.init("embed.scale", np.array(np.sqrt(self.cfg.hidden_size), dtype=np.float32))
+        scale = g.floats("embed.scale", np.array(np.sqrt(self.cfg.hidden_size), dtype=np.float32))
         return g.node("Mul", ["embed/out", scale], ["embed/scaled"])
 
     def _layer(self, i: int, residual: str, pending: str | None) -> tuple[str, str]:
@@ -462,7 +486,7 @@ class _Builder:
         return g.linear(f"{p}.ffn_down", f"{p}/mlp_in", read.weight(f"{p}.ffn_down.weight"))
 
 
-def _model_proto(g: _Graph, cfg: ModelConfig) -> onnx.ModelProto:
+def _model_proto(g: _Graph, cfg: ModelConfig, float_type: int) -> onnx.ModelProto:
     kv_shape: list[str | int] = ["batch_size", cfg.num_kv_heads, "past_sequence_length", cfg.head_dim]
     present_shape: list[str | int] = ["batch_size", cfg.num_kv_heads, "total_sequence_length", cfg.head_dim]
     inputs = [
@@ -471,15 +495,11 @@ def _model_proto(g: _Graph, cfg: ModelConfig) -> onnx.ModelProto:
             "attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"]
         ),
     ]
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", 1, cfg.vocab_size])]
+    outputs = [helper.make_tensor_value_info("logits", float_type, ["batch_size", 1, cfg.vocab_size])]
     for i in range(cfg.num_layers):
         for kind in ("key", "value"):
-            inputs.append(
-                helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", TensorProto.FLOAT, kv_shape)
-            )
-            outputs.append(
-                helper.make_tensor_value_info(f"present.{i}.{kind}", TensorProto.FLOAT, present_shape)
-            )
+            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", float_type, kv_shape))
+            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", float_type, present_shape))
     graph = helper.make_graph(g.nodes, f"{cfg.architecture}_decoder", inputs, outputs, g.initializers)
     model = helper.make_model(
         graph,

@@ -39,7 +39,16 @@ GENAI_CONFIG_NAME = "genai_config.json"
 # int4 is fast on the fp32 path (level 0) and more accurate there. Native: 8-bit layouts
 # need level 4 as int8 does, and 4-bit ones run ~2.5x faster there than at level 0/1
 # (bench/native.py), at the cost of quantizing the activations per block.
-ACCURACY_LEVELS = {Precision.NATIVE: 4, Precision.INT8: 4, Precision.INT4: 0, Precision.FP32: 0}
+# The half builds are for CUDA, whose MatMulNBits ignores the level; on the CPU, level 4 (int8
+# compute) is what keeps their 8-bit weights fast there too.
+ACCURACY_LEVELS = {
+    Precision.NATIVE: 4,
+    Precision.INT8: 4,
+    Precision.INT4: 0,
+    Precision.FP32: 0,
+    Precision.FP16: 4,
+    Precision.NATIVE_FP16: 4,
+}
 
 _PARTIAL_MARK = ".partial-"
 _STALE_PARTIAL_S = 6 * 3600

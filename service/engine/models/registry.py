@@ -52,7 +52,7 @@ class PreparedModel:
     style: GraphStyle
     context_length: int  # the model's own; what is served may be less (loader.served_context)
     chat: bool = True  # False: a base model without a chat template (see service.engine.tokenizer)
-    kv_bytes_per_token: int = 0  # float32 KV cache of one position, all layers (0: unknown)
+    kv_bytes_per_token: int = 0  # KV cache of one position, all layers, in its float type (0: unknown)
     # What a generation uses for a sampling field the client leaves out (sampling_defaults.py).
     sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
 
@@ -182,7 +182,8 @@ def _load_graph(model_file: Path) -> onnx.GraphProto:
 
 
 def _kv_bytes_per_token(graph: onnx.GraphProto) -> int:
-    """Sum over the past key/value inputs of kv_heads * head_dim * 4 bytes (0 when symbolic)."""
+    """Sum over the past key/value inputs of kv_heads * head_dim * the element's bytes (4 for
+    float, 2 for float16; 0 when symbolic)."""
     total = 0
     for value in graph.input:
         if not value.name.startswith("past_key_values."):
@@ -190,7 +191,8 @@ def _kv_bytes_per_token(graph: onnx.GraphProto) -> int:
         dims = value.type.tensor_type.shape.dim
         if len(dims) != 4 or not (dims[1].HasField("dim_value") and dims[3].HasField("dim_value")):
             return 0
-        total += dims[1].dim_value * dims[3].dim_value * 4
+        itemsize = 2 if value.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 else 4
+        total += dims[1].dim_value * dims[3].dim_value * itemsize
     return total
 
 
