@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pytest
@@ -52,14 +52,19 @@ class EngineGate:
 GateFactory = Callable[[ChatServer], EngineGate]
 
 
-@pytest.fixture
-def engine_gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[GateFactory]:
-    """``engine_gate(server)``: an :class:`EngineGate` on that server's engines, released at teardown
-    (a test that starts its own service releases it before stopping the service)."""
-    gates: list[EngineGate] = []
+Gate = TypeVar("Gate", bound=EngineGate)
 
-    def install(service: ChatServer) -> EngineGate:
-        gate = EngineGate()
+
+def installed_gates(
+    make: Callable[[], Gate], monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Callable[[ChatServer], Gate]]:
+    """What a gate fixture yields: ``install(server)`` puts a new gate on that server's engines;
+    every gate is released at teardown (a test that starts its own service releases it before
+    stopping the service)."""
+    gates: list[Gate] = []
+
+    def install(service: ChatServer) -> Gate:
+        gate = make()
         gate.install(service, monkeypatch)
         gates.append(gate)
         return gate
@@ -69,3 +74,9 @@ def engine_gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[GateFactory]:
     finally:
         for gate in gates:
             gate.release()
+
+
+@pytest.fixture
+def engine_gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[GateFactory]:
+    """``engine_gate(server)``: an :class:`EngineGate` on that server's engines."""
+    yield from installed_gates(EngineGate, monkeypatch)

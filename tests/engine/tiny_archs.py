@@ -9,8 +9,9 @@ reference implementation reads the file like a downloaded one.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import gguf
 import numpy as np
@@ -86,6 +87,36 @@ def llama3_rope_factors(head_dim: int, base: float, scaling: tuple[float, float,
     return factors.astype(np.float32)
 
 
+_PER_TOKEN = ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.scores")
+
+
+@functools.cache
+def _tokenizer_fields(
+    real_gguf: Path, limit: int | None
+) -> dict[str, tuple[Any, gguf.GGUFValueType, gguf.GGUFValueType | None]]:
+    """The file's ``tokenizer.*`` keys as (value, type, item type), cut to ``limit`` tokens (read
+    once per file: parsing a real vocabulary takes seconds)."""
+    fields = {}
+    for key, field in gguf.GGUFReader(real_gguf).fields.items():
+        if key.startswith("tokenizer."):
+            fields[key] = (field.contents(), field.types[0], field.types[1] if len(field.types) > 1 else None)
+    if limit is not None:
+        for key in _PER_TOKEN:
+            if key in fields:
+                value, kind, item = fields[key]
+                fields[key] = (value[:limit], kind, item)
+        kept = set(fields["tokenizer.ggml.tokens"][0])
+        if "tokenizer.ggml.merges" in fields:
+            merges, kind, item = fields["tokenizer.ggml.merges"]
+            pairs = [
+                merge
+                for merge in merges
+                if all(part in kept for part in (*merge.split(" "), merge.replace(" ", "")))
+            ]
+            fields["tokenizer.ggml.merges"] = (pairs, kind, item)
+    return fields
+
+
 def write_tiny_arch_gguf(
     path: Path,
     real_gguf: Path | None,
@@ -96,12 +127,15 @@ def write_tiny_arch_gguf(
     seed: int = 0,
     extra_metadata: dict[str, str] | None = None,
     skip: frozenset[str] = frozenset(),
+    vocab_limit: int | None = None,
 ) -> Path:
     """Write ``spec`` to ``path`` with ``real_gguf``'s vocabulary (none and 256 rows when
     None): attention matrices in ``attention_qtype``, the other matrices in ``mlp_qtype``.
-    ``extra_metadata`` adds string keys; ``skip`` leaves tensors out (for broken files)."""
-    reader = gguf.GGUFReader(real_gguf) if real_gguf is not None else None
-    vocab = len(reader.fields["tokenizer.ggml.tokens"].contents()) if reader is not None else 256
+    ``extra_metadata`` adds string keys; ``skip`` leaves tensors out (for broken files).
+    ``vocab_limit`` keeps only the vocabulary's first tokens (and the merges among them): a
+    byte-level BPE still encodes any text, and readers parse the file in a fraction of the time."""
+    tokenizer = _tokenizer_fields(real_gguf, vocab_limit) if real_gguf is not None else {}
+    vocab = len(tokenizer["tokenizer.ggml.tokens"][0]) if real_gguf is not None else 256
     rng = np.random.default_rng(seed)
     arch = spec.arch
 
@@ -144,10 +178,8 @@ def write_tiny_arch_gguf(
         writer.add_sliding_window(spec.sliding_window)
     for key, text in (extra_metadata or {}).items():
         writer.add_string(key, text)
-    for key, field in reader.fields.items() if reader is not None else ():
-        if key.startswith("tokenizer."):
-            sub_type = field.types[1] if len(field.types) > 1 else None
-            writer.add_key_value(key, field.contents(), field.types[0], sub_type=sub_type)
+    for key, (value, value_type, sub_type) in tokenizer.items():
+        writer.add_key_value(key, value, value_type, sub_type=sub_type)
 
     # numpy shapes are [out, in]; GGUF records them reversed, as llama.cpp expects.
     h, q_rows, kv_rows = spec.hidden, spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim

@@ -190,10 +190,16 @@ def native_exact_model(tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: P
     return resolve(parse_model_arg(str(out)), out.parent, precision=Precision.NATIVE, progress=False)
 
 
+EXACT_POSITIONS = 100  # level 1 runs MatMulNBits' slow fp32 kernel: ~0.1 s a position here
+
+
 def test_native_in_fp32_is_the_file(
     native_exact_model: PreparedModel, prose_ids: list[int], fp32_top1: npt.NDArray[np.int64]
 ) -> None:
-    assert _agreement(native_exact_model, prose_ids, fp32_top1, "native (level 1)") >= 0.99
+    """The file's bits computed in fp32 predict what the fp32 build predicts (over the first
+    ``EXACT_POSITIONS`` positions of the prose; the greedy runs below check whole answers)."""
+    ids = prose_ids[:EXACT_POSITIONS]
+    assert _agreement(native_exact_model, ids, fp32_top1[:EXACT_POSITIONS], "native (level 1)") >= 0.99
 
 
 @pytest.mark.parametrize("chat", range(len(GREEDY_CHATS)))

@@ -7,9 +7,9 @@ graph and the engine, not the text handling.
 
 * fp32: the first 32 greedy tokens the engine (``service.engine``: scheduler, KV cache,
   sampler at temperature 0) generates equal transformers' on every prompt;
-* int8: teacher-forced top-1 predictions over prompt + reference continuation agree with
-  fp32's on >= 90 % of positions (int8 greedy runs drift apart after a while, as the
-  default model's do; the shared prefix lengths are printed, see ``-s``).
+* int8: teacher-forced along the reference continuation, its top-1 predictions agree with
+  fp32's (which are that continuation) on >= 90 % of positions (int8 greedy runs drift apart
+  after a while, as the default model's do).
 """
 
 from __future__ import annotations
@@ -88,21 +88,16 @@ async def test_fp32_greedy_equals_transformers(
         assert tokens == expected[text], text
 
 
-async def test_int8_follows_fp32(
-    fp32_model: PreparedModel, gemma3_model: PreparedModel, expected: dict[str, list[int]]
-) -> None:
-    """int8 (what the service serves by default) teacher-forced top-1 agrees with fp32 on
-    >= 90 % of positions."""
+def test_int8_follows_fp32(gemma3_model: PreparedModel, expected: dict[str, list[int]]) -> None:
+    """int8 (what the service serves by default), teacher-forced along transformers' greedy
+    answers, predicts their next token at >= 90 % of the positions. fp32 predicts all of them
+    (its greedy tokens equal these answers, as the test above checks), so this is int8's top-1
+    agreement with fp32."""
     same, total = 0, 0
     for text, ids in PROMPTS.items():
         sequence = ids + expected[text]
-        same += int(
-            np.sum(_top1(gemma3_model.model_file, sequence) == _top1(fp32_model.model_file, sequence))
-        )
-        total += len(sequence)
-    for text, greedy in (await _greedy(gemma3_model)).items():
-        pairs = zip(greedy, expected[text], strict=False)
-        prefix = next((i for i, (a, b) in enumerate(pairs) if a != b), len(greedy))
-        print(f"\nint8 greedy: first {prefix} of {GREEDY_TOKENS} tokens equal to transformers' for {text!r}")
-    print(f"int8 vs fp32 teacher-forced top-1: {same / total:.1%} of {total} positions")
+        predicted = _top1(gemma3_model.model_file, sequence)[len(ids) - 1 : -1]
+        same += int(np.sum(predicted == np.array(expected[text])))
+        total += len(expected[text])
+    print(f"\nint8 vs fp32 teacher-forced top-1: {same / total:.1%} of {total} positions")
     assert same / total >= MIN_INT8_AGREEMENT

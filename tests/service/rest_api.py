@@ -17,7 +17,7 @@ import pytest
 from service.core.reply import Reply
 from service.engine.types import Delta, GenerationResult
 from service.server import ChatServer
-from tests.engine_gate import EngineGate
+from tests.engine_gate import EngineGate, installed_gates
 from tests.protocol.openapi_check import validate_event, validate_json, validate_request
 from tests.service.client import TIMEOUT_S
 
@@ -199,19 +199,7 @@ ReplyGates = Callable[[ChatServer], ReplyGate]
 @pytest.fixture(name="reply_gate")
 def reply_gate_fixture(monkeypatch: pytest.MonkeyPatch) -> Iterator[ReplyGates]:
     """``reply_gate(server)``: a :class:`ReplyGate` on that server's engines, released at teardown."""
-    gates: list[ReplyGate] = []
-
-    def install(service: ChatServer) -> ReplyGate:
-        gate = ReplyGate()
-        gate.install(service, monkeypatch)
-        gates.append(gate)
-        return gate
-
-    try:
-        yield install
-    finally:
-        for gate in gates:
-            gate.release()
+    yield from installed_gates(ReplyGate, monkeypatch)
 
 
 def running(server: ChatServer, message: str) -> Reply:
