@@ -21,8 +21,28 @@ from uuid import UUID
 from service.core.metrics import CancelCause, Metrics
 from service.engine.engine import GenerationStream
 from service.engine.types import Delta, FinishReason, GenerationResult
+from service.protocol import frames
 
 log = logging.getLogger(__name__)
+
+
+def usage_of(result: GenerationResult) -> frames.Usage:
+    """A finished reply's ``usage``, as every transport reports it."""
+    return frames.Usage(
+        prompt_tokens=result.prompt_tokens,
+        cached_tokens=result.cached_tokens,
+        completion_tokens=result.completion_tokens,
+    )
+
+
+def timing_of(result: GenerationResult) -> frames.Timing:
+    """A finished reply's ``timing`` (milliseconds and tokens/s, to three decimals)."""
+    return frames.Timing(
+        queued_ms=round(result.queued_ms, 3),
+        ttft_ms=None if result.ttft_ms is None else round(result.ttft_ms, 3),
+        total_ms=round(result.total_ms, 3),
+        tokens_per_s=round(result.tokens_per_s, 3),
+    )
 
 
 class ReplySink(Protocol):

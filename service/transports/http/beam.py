@@ -37,7 +37,7 @@ from starlette.routing import BaseRoute, Route
 from service.config import ServerSettings
 from service.core.chats import ChatCore
 from service.core.metrics import CancelCause
-from service.core.reply import Reply
+from service.core.reply import Reply, timing_of, usage_of
 from service.engine.beam import ScorerName
 from service.engine.types import BeamResult, Delta, FinishReason, GenerationResult
 from service.errors import ModelError, ServiceError
@@ -176,15 +176,6 @@ def _done(result: BeamResult, model: str) -> dict[str, Any]:
             }
             for c in result.candidates
         ],
-        "usage": {
-            "prompt_tokens": result.prompt_tokens,
-            "cached_tokens": result.cached_tokens,
-            "completion_tokens": result.completion_tokens,
-        },
-        "timing": {
-            "queued_ms": result.queued_ms,
-            "ttft_ms": result.ttft_ms,
-            "total_ms": result.total_ms,
-            "tokens_per_s": result.tokens_per_s,
-        },
+        "usage": usage_of(result),
+        "timing": timing_of(result),
     }

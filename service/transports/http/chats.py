@@ -44,7 +44,7 @@ from starlette.routing import BaseRoute, Route
 
 from service.config import ServerSettings
 from service.core.chats import ChatCore, stored_deltas, stored_status
-from service.core.reply import Reply
+from service.core.reply import Reply, timing_of, usage_of
 from service.engine.types import Delta, FinishReason, GenerationResult
 from service.errors import ChatGone
 from service.protocol import frames
@@ -90,17 +90,8 @@ def live_end(reply: Reply, result: GenerationResult) -> dict[str, Any]:
         "status": stored_status(result.reason),
         "reason": result.reason.value,
         "total_tokens": result.completion_tokens,
-        "usage": frames.Usage(
-            prompt_tokens=result.prompt_tokens,
-            cached_tokens=result.cached_tokens,
-            completion_tokens=result.completion_tokens,
-        ),
-        "timing": frames.Timing(
-            queued_ms=round(result.queued_ms, 3),
-            ttft_ms=None if result.ttft_ms is None else round(result.ttft_ms, 3),
-            total_ms=round(result.total_ms, 3),
-            tokens_per_s=round(result.tokens_per_s, 3),
-        ),
+        "usage": usage_of(result),
+        "timing": timing_of(result),
     }
     if result.reason is FinishReason.ERROR:
         end["error"] = result.error or "generation failed"

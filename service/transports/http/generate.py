@@ -21,6 +21,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from service.core.metrics import CancelCause
+from service.core.reply import timing_of, usage_of
 from service.engine.engine import Engine
 from service.engine.tokenizer import ChatMessage
 from service.engine.types import Delta, FinishReason, GenerationResult
@@ -34,25 +35,6 @@ from service.transports.http.plain import (
     params_from,
     token_data,
 )
-
-
-def usage(result: GenerationResult) -> dict[str, int]:
-    """The ``usage`` of ``chat.v1``'s ``done`` frame."""
-    return {
-        "prompt_tokens": result.prompt_tokens,
-        "cached_tokens": result.cached_tokens,
-        "completion_tokens": result.completion_tokens,
-    }
-
-
-def timing(result: GenerationResult) -> dict[str, float | None]:
-    """The ``timing`` of ``chat.v1``'s ``done`` frame."""
-    return {
-        "queued_ms": round(result.queued_ms, 3),
-        "ttft_ms": None if result.ttft_ms is None else round(result.ttft_ms, 3),
-        "total_ms": round(result.total_ms, 3),
-        "tokens_per_s": round(result.tokens_per_s, 3),
-    }
 
 
 def failure(result: GenerationResult) -> PlainError | None:
@@ -220,8 +202,8 @@ async def _stream(held: HeldReplies) -> AsyncIterator[ServerSentEvent]:
                     "done": True,
                     "total_tokens": event.completion_tokens,
                     "reason": event.reason.value,
-                    "usage": usage(event),
-                    "timing": timing(event),
+                    "usage": usage_of(event),
+                    "timing": timing_of(event),
                 }
             )
             return
@@ -244,8 +226,8 @@ async def _whole(held: HeldReplies, request: Request, inputs: list[Any], *, many
                 "output_ids": result.token_ids,
                 "output_text": result.text,
                 "reason": result.reason.value,
-                "usage": usage(result),
-                "timing": timing(result),
+                "usage": usage_of(result),
+                "timing": timing_of(result),
             }
         )
     return JSONResponse(answers if many else answers[0])

@@ -133,15 +133,21 @@ class PlainRoutes:
         return name, await self.core.engine(name)
 
     def events(self, source: AsyncIterator[ServerSentEvent]) -> EventSourceResponse:
-        """A ``text/event-stream`` response of ``source``, with a ``: keep-alive`` comment
-        every ``sse_keepalive_s`` while nothing else is sent."""
-        return EventSourceResponse(
-            source,
-            sep="\n",
-            ping=self.settings.sse_keepalive_s,
-            ping_message_factory=lambda: ServerSentEvent(comment="keep-alive", sep="\n"),
-            headers={"Cache-Control": "no-store"},
-        )
+        return event_stream(source, self.settings.sse_keepalive_s)
+
+
+def event_stream(
+    source: AsyncIterator[ServerSentEvent] | AsyncIterator[bytes], keepalive_s: float
+) -> EventSourceResponse:
+    """A ``text/event-stream`` response of ``source`` (events, or bytes already encoded), with a
+    ``: keep-alive`` comment every ``keepalive_s`` while nothing else is sent."""
+    return EventSourceResponse(
+        source,
+        sep="\n",
+        ping=keepalive_s,
+        ping_message_factory=lambda: ServerSentEvent(comment="keep-alive", sep="\n"),
+        headers={"Cache-Control": "no-store"},
+    )
 
 
 PARAM_NAMES = ("max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop")

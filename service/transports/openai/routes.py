@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
@@ -30,6 +29,7 @@ from service.errors import ModelError, ServiceError, StoreUnavailable
 from service.store.records import User
 from service.transports.http.held import HeldReplies
 from service.transports.http.pages import ANY_METHOD
+from service.transports.http.plain import event_stream
 from service.transports.openai.errors import (
     ApiError,
     bad_request,
@@ -249,12 +249,7 @@ class OpenAIApi:
             include_usage=req.include_usage,
         )
         if req.stream:
-            return EventSourceResponse(
-                _events(job),
-                sep="\n",
-                ping=self.settings.sse_keepalive_s,
-                ping_message_factory=lambda: ServerSentEvent(comment="keep-alive", sep="\n"),
-            )
+            return event_stream(_events(job), self.settings.sse_keepalive_s)
         return await _whole(job, request)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from service.core.conversation import Conversation
-from service.core.reply import Reply
+from service.core.reply import Reply, timing_of, usage_of
 from service.engine.types import Delta, FinishReason, GenerationResult
 from service.protocol import frames
 from service.protocol.errors import ErrorCode
@@ -42,17 +42,8 @@ def done_frame(session: str, reply: Reply, result: GenerationResult) -> frames.D
         session=session,
         message=str(reply.message_id),
         reason=result.reason.value,
-        usage=frames.Usage(
-            prompt_tokens=result.prompt_tokens,
-            cached_tokens=result.cached_tokens,
-            completion_tokens=result.completion_tokens,
-        ),
-        timing=frames.Timing(
-            queued_ms=round(result.queued_ms, 3),
-            ttft_ms=None if result.ttft_ms is None else round(result.ttft_ms, 3),
-            total_ms=round(result.total_ms, 3),
-            tokens_per_s=round(result.tokens_per_s, 3),
-        ),
+        usage=usage_of(result),
+        timing=timing_of(result),
         error=error,
     )
 
