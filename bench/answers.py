@@ -23,9 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import re
-import signal
 import sys
 import tempfile
 import time
@@ -39,7 +37,14 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # run as a script: python bench/answers.py
     sys.path.insert(0, str(REPO_ROOT))
 
-from bench.common import RESULTS_DIR, add_service_arguments, format_table, run_facts, write_json  # noqa: E402
+from bench.common import (  # noqa: E402
+    RESULTS_DIR,
+    add_service_arguments,
+    format_table,
+    run_facts,
+    service_subprocess,
+    write_json,
+)
 from bench.ws_client import SessionClient  # noqa: E402
 from service.engine.models.onnx_builder import Precision  # noqa: E402
 from service.engine.models.registry import parse_model_arg, resolve  # noqa: E402
@@ -136,27 +141,11 @@ async def service(data_dir: Path, args: argparse.Namespace) -> AsyncIterator[str
         for part in ("models", "gguf"):  # the prepared model, no copy; the database stays in scratch
             if (data_dir / part).exists():
                 (Path(scratch) / part).symlink_to((data_dir / part).resolve())
-        command = [sys.executable, "-m", "service", "--port", "0", "--threads", str(args.threads)]
-        command += ["--data-dir", scratch, "--precision", args.precision]
+        options = ["--threads", str(args.threads), "--data-dir", scratch, "--precision", args.precision]
         if args.database_url:
-            command += ["--database-url", args.database_url]
-        env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
-        process = await asyncio.create_subprocess_exec(*command, stderr=asyncio.subprocess.PIPE, env=env)
-        assert process.stderr is not None
-        log: list[bytes] = []
-        try:
-            while not (match := re.search(rb"listening on http://[\d.]+:(\d+)/", log[-1] if log else b"")):
-                line = await asyncio.wait_for(process.stderr.readline(), 600)
-                if not line:
-                    raise RuntimeError("the service exited:\n" + b"".join(log).decode(errors="replace"))
-                log.append(line)
-            drain = asyncio.create_task(process.stderr.read())
-            yield f"ws://127.0.0.1:{int(match.group(1))}/ws"
-        finally:
-            if process.returncode is None:
-                process.send_signal(signal.SIGTERM)
-                await process.wait()
-        await drain
+            options += ["--database-url", args.database_url]
+        async with service_subprocess(*options) as running:
+            yield running.url
 
 
 async def bench(args: argparse.Namespace) -> dict[str, Any]:

@@ -3,12 +3,7 @@ opens chats, a chat takes turns and returns each reply as its client saw it (a `
 
 from __future__ import annotations
 
-import asyncio
 import itertools
-import os
-import re
-import signal
-import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -17,6 +12,7 @@ from pathlib import Path
 from typing import Protocol
 
 from bench import llama_server
+from bench.common import service_subprocess
 from bench.llama_server import Reply
 from bench.service import service_idle
 from bench.ws_client import SessionClient
@@ -117,34 +113,13 @@ async def ours_process(
 ) -> AsyncIterator[OursServer]:
     """``python -m service`` on a prepared model, as users run it (embedded PostgreSQL in ``scratch``),
     with one open chat.v1 connection."""
-    command = [sys.executable, "-m", "service", "--port", "0", "--threads", str(threads)]
-    command += ["--model", str(model_dir), "--data-dir", str(scratch), "--max-context", str(context)]
-    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
-    process = await asyncio.create_subprocess_exec(
-        *command, "--log-level", "INFO", stderr=asyncio.subprocess.PIPE, env=env
-    )
-    assert process.stderr is not None
-    log: list[bytes] = []
-    drain: asyncio.Task[bytes] | None = None
-    try:
-        while not (match := re.search(rb"listening on http://[\d.]+:(\d+)/", log[-1] if log else b"")):
-            line = await asyncio.wait_for(process.stderr.readline(), 900)
-            if not line:
-                raise RuntimeError("the service exited:\n" + b"".join(log).decode(errors="replace"))
-            log.append(line)
-        drain = asyncio.create_task(process.stderr.read())
-        url = f"ws://127.0.0.1:{int(match.group(1))}/ws"
-        client = await SessionClient.connect(url)
+    options = ["--threads", str(threads), "--model", str(model_dir), "--data-dir", str(scratch)]
+    async with service_subprocess(*options, "--max-context", str(context), start_timeout_s=900) as running:
+        client = await SessionClient.connect(running.url)
         try:
-            yield OursServer(name, process.pid, url, client, itertools.count())
+            yield OursServer(name, running.pid, running.url, client, itertools.count())
         finally:
             await client.close()
-    finally:
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-            await process.wait()
-        if drain is not None:
-            await drain
 
 
 def peak_rss_mb(pid: int) -> float | None:

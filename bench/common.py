@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import math
 import os
 import platform
+import re
 import resource
+import signal
 import statistics
+import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -20,6 +26,42 @@ from service.engine.models.onnx_builder import Precision
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
+_LISTENING = re.compile(rb"listening on http://[\d.]+:(\d+)/")
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceProcess:
+    url: str  # ws://127.0.0.1:PORT/ws
+    pid: int
+
+
+@asynccontextmanager
+async def service_subprocess(*options: str, start_timeout_s: float = 600) -> AsyncIterator[ServiceProcess]:
+    """``python -m service --port 0 OPTIONS`` in its own process, as users run it, until the block
+    ends (SIGTERM, then its exit is awaited). ``$DATABASE_URL`` is not passed on: only a
+    ``--database-url`` among the options names a database, else it embeds its own."""
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "service", "--port", "0", *options, "--log-level", "INFO",
+        stderr=asyncio.subprocess.PIPE, env=env,
+    )  # fmt: skip
+    assert process.stderr is not None
+    log: list[bytes] = []
+    drain: asyncio.Task[bytes] | None = None
+    try:
+        while not (match := _LISTENING.search(log[-1] if log else b"")):
+            line = await asyncio.wait_for(process.stderr.readline(), start_timeout_s)
+            if not line:
+                raise RuntimeError("the service exited:\n" + b"".join(log).decode(errors="replace"))
+            log.append(line)
+        drain = asyncio.create_task(process.stderr.read())  # keep its pipe from filling up
+        yield ServiceProcess(f"ws://127.0.0.1:{int(match.group(1))}/ws", process.pid)
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+            await process.wait()
+        if drain is not None:
+            await drain
 
 
 def median(values: Iterable[float]) -> float | None:

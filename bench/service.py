@@ -22,9 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import re
-import signal
 import sys
 import tempfile
 import time
@@ -49,6 +46,7 @@ from bench.common import (  # noqa: E402
     percentile,
     ratio,
     run_facts,
+    service_subprocess,
     write_json,
 )
 from bench.engine import LONG_REQUEST, SYSTEM, greedy  # noqa: E402
@@ -194,29 +192,11 @@ async def measure(url: str, engine: Engine, args: argparse.Namespace) -> dict[st
 @asynccontextmanager
 async def service_process(model_dir: Path, scratch: Path, args: argparse.Namespace) -> AsyncIterator[str]:
     """``python -m service`` in its own process, as users run it; yields its WebSocket URL."""
-    command = [sys.executable, "-m", "service", "--port", "0", "--threads", str(args.threads)]
-    command += ["--model", str(model_dir), "--data-dir", str(scratch)]
+    options = ["--threads", str(args.threads), "--model", str(model_dir), "--data-dir", str(scratch)]
     if args.database_url:
-        command += ["--database-url", args.database_url]
-    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
-    process = await asyncio.create_subprocess_exec(
-        *command, "--log-level", "INFO", stderr=asyncio.subprocess.PIPE, env=env
-    )
-    assert process.stderr is not None
-    log: list[bytes] = []
-    try:
-        while not (match := re.search(rb"listening on http://[\d.]+:(\d+)/", log[-1] if log else b"")):
-            line = await asyncio.wait_for(process.stderr.readline(), 600)
-            if not line:
-                raise RuntimeError("the service exited:\n" + b"".join(log).decode(errors="replace"))
-            log.append(line)
-        drain = asyncio.create_task(process.stderr.read())
-        yield f"ws://127.0.0.1:{int(match.group(1))}/ws"
-    finally:
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-            await process.wait()
-    await drain
+        options += ["--database-url", args.database_url]
+    async with service_subprocess(*options) as running:
+        yield running.url
 
 
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
