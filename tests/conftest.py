@@ -195,6 +195,16 @@ async def database_url(postgres_admin_dsn: str) -> AsyncIterator[str]:
         yield url
 
 
+@pytest.fixture
+async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A direct connection to this test's database, to look at or arrange what the store hides."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
 @asynccontextmanager
 async def fresh_database(postgres_admin_dsn: str) -> AsyncIterator[str]:
     """The DSN of a fresh, empty database, dropped on leaving (for fixtures of a wider scope)."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import urllib.request
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -31,15 +31,6 @@ from tests.tcp_relay import tcp_relay
 LONG = {"temperature": 0, "max_tokens": 3000}
 SHORT = {"temperature": 0, "max_tokens": 16}
 POLL_S = 0.05  # between two looks at the database in a bounded poll
-
-
-@pytest.fixture
-async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(database_url)
-    try:
-        yield conn
-    finally:
-        await conn.close()
 
 
 @pytest.fixture
