@@ -21,8 +21,11 @@ import asyncpg
 import orjson
 import pytest
 
-from service.engine.models.registry import PreparedModel
+from service.engine.models.onnx_builder import Precision
+from service.engine.models.prepare import prepare_gguf
+from service.engine.models.registry import PreparedModel, describe_dir
 from tests.deploy.cluster import Cluster, cluster
+from tests.engine.tiny_model import write_tiny_gguf
 from tests.service.client import TIMEOUT_S, Client
 from tests.service.test_errors import expect_close
 from tests.service.test_users_cli import users
@@ -33,11 +36,23 @@ SHORT = {"temperature": 0, "max_tokens": 16}
 POLL_S = 0.05  # between two looks at the database in a bounded poll
 
 
+@pytest.fixture(scope="module")
+def long_tiny_model(tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: Path) -> PreparedModel:
+    """The tiny model with a 2048-position context: a LONG reply runs for seconds, so a replica
+    killed mid-reply is still generating it (at the 256 positions of ``tiny_model`` it could end
+    before the kill landed)."""
+    work = tmp_path_factory.mktemp("tiny-long")
+    gguf_path = write_tiny_gguf(work / "tiny.gguf", smollm2_gguf, context_length=2048)
+    return describe_dir(
+        "tiny", prepare_gguf(gguf_path, work / "model", precision=Precision.INT8, progress=False)
+    )
+
+
 @pytest.fixture
-def running(database_url: str, tiny_model: PreparedModel, tmp_path: Path) -> Callable[..., Any]:
+def running(database_url: str, long_tiny_model: PreparedModel, tmp_path: Path) -> Callable[..., Any]:
     def start(count: int, **kwargs: Any) -> Any:
         return cluster(
-            count, database_url=database_url, model_dir=tiny_model.directory, data_dir=tmp_path, **kwargs
+            count, database_url=database_url, model_dir=long_tiny_model.directory, data_dir=tmp_path, **kwargs
         )
 
     return start
