@@ -118,11 +118,11 @@ def kernel_rows() -> list[dict[str, Any]]:
             weights[qtype.name] = weight
             if weight.mins is not None:
                 weights[f"{qtype.name} no min-term"] = NativeWeight(
-                    weight.codes, weight.scales, weight.zero_point, None, weight.bits, weight.block_size
+                    weight.codes, weight.scales, None, weight.bits, weight.block_size
                 )
         q8 = quantize_blockwise(rng.standard_normal((n, k)).astype(np.float32), 8)
         weights["int8 (re-quantized)"] = NativeWeight(
-            q8.packed, q8.scales.reshape(n, -1), 128, None, 8, BLOCK_SIZE
+            q8.packed, q8.scales.reshape(n, -1), None, 8, BLOCK_SIZE
         )
         for name, weight in weights.items():
             for level in LEVELS:

@@ -51,7 +51,7 @@ def test_native_graph_holds_every_linear_natively(quant_gguf: Path) -> None:
     model_file = build_file(quant_gguf, Precision.NATIVE, 0)
     graph = onnx.load(str(model_file), load_external_data=False).graph
     nbits = [node for node in graph.node if node.op_type == "MatMulNBits"]
-    assert len(nbits) == LAYERS * 5 + 1  # qkv, o, gate, up, down per layer, and the tied lm_head
+    assert len(nbits) == LAYERS * 4 + 1  # qkv, o, gate+up, down per layer, and the tied lm_head
     float_matmuls = [node.output[0] for node in graph.node if node.op_type == "MatMul"]
     assert all("min_term" in out for out in float_matmuls)
 

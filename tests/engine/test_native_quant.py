@@ -11,7 +11,7 @@ import pytest
 from gguf import GGMLQuantizationType as T
 from onnx import TensorProto, helper, numpy_helper
 
-from service.engine.models.native_linear import MS_DOMAIN, emit_native_linear
+from service.engine.models.native_linear import MS_DOMAIN, emit_native_linear, emit_native_lookup
 from service.engine.models.native_quant import LAYOUTS, NativeWeight, concat_rows, from_gguf
 
 N, K = 24, 512
@@ -87,6 +87,39 @@ def test_matmulnbits_gives_the_dequantized_product(qtype: T, accuracy_level: int
     assert np.all(np.abs(got - expected) <= 1e-5 * scale + 1e-30)
 
 
+@pytest.mark.parametrize("qtype", QUANTIZABLE + K_QUANTS, ids=lambda t: t.name)
+def test_lookup_gives_the_dequantized_rows_and_shares_its_codes_with_the_tied_product(qtype: T) -> None:
+    """A tied table: GatherBlockQuantized rows equal the dequantized ones (to the rounding of the
+    centred minimum's one addition), and the
+    lm_head's MatMulNBits reads the same codes initializer (one copy of the file's bits)."""
+    raw = raw_tensor(qtype, seed=10)
+    dequantized = np.asarray(gguf.quants.dequantize(raw, qtype), dtype=np.float32)
+    table = from_gguf(raw, qtype, K)
+    g = _Graph()
+    rows, codes = emit_native_lookup(g, "table", "ids", table)
+    logits = emit_native_linear(g, "head", rows, table, 1, codes=codes)
+    graph = helper.make_graph(
+        g.nodes, "tied", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "s"])],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in (rows, logits)],
+        g.initializers,
+    )  # fmt: skip
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(MS_DOMAIN, 1)]
+    )
+    model.ir_version = 10
+    assert sum(init.data_type == TensorProto.UINT8 and init.name == codes for init in g.initializers) == 1
+    assert not any(init.name.startswith("head.qweight") for init in g.initializers)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    ids = np.array([[0, N - 1, 5], [7, 7, 1]], dtype=np.int64)
+    got_rows, got_logits = session.run(None, {"ids": ids})
+    np.testing.assert_allclose(
+        got_rows, dequantized[ids], rtol=1e-6, atol=1e-7 * float(np.abs(dequantized).max())
+    )
+    expected = dequantized[ids].astype(np.float64) @ dequantized.T.astype(np.float64)
+    scale = np.abs(dequantized[ids]).astype(np.float64) @ np.abs(dequantized.T).astype(np.float64)
+    assert np.all(np.abs(got_logits - expected) <= 1e-5 * scale + 1e-30)
+
+
 def test_mixed_types_concatenate_exactly() -> None:
     """Packed QKV from Q4_K, Q4_0 and Q6_K rows (as Q4_K_M files mix them) keeps every value."""
     parts = [(T.Q4_K, 4), (T.Q4_0, 5), (T.Q6_K, 6)]
@@ -102,10 +135,11 @@ def test_mixed_types_concatenate_exactly() -> None:
     assert np.all(np.abs(got - x.astype(np.float64) @ expected.T) <= 1e-5 * scale + 1e-30)
 
 
-def test_4bit_zero_points_that_differ_widen_to_8_bits() -> None:
+def test_4bit_layouts_with_and_without_minimums_stack_at_4_bits() -> None:
+    """Centred codes share the default zero point, so Q4_0 and Q4_1 rows stack without widening."""
     a, b = from_gguf(raw_tensor(T.Q4_0, 8), T.Q4_0, K), from_gguf(raw_tensor(T.Q4_1, 9), T.Q4_1, K)
     stacked = concat_rows([a, b])
-    assert stacked.bits == 8
+    assert (stacked.bits, stacked.zero_point) == (4, 8)
     np.testing.assert_array_equal(stacked.dequantize(), np.concatenate([a.dequantize(), b.dequantize()]))
 
 

@@ -1,9 +1,13 @@
-"""Emit ``y = x @ W.T`` for a :class:`NativeWeight` as ONNX nodes.
+"""Emit ``y = x @ W.T`` and the row lookup ``W[ids]`` for a :class:`NativeWeight` as ONNX nodes.
 
 One ``MatMulNBits`` with the file's codes and scales; for formats with per-block minimums,
 plus the exact extra product ``blocksum(x) @ mins.T`` added to its output: the block sums
 (``Reshape`` + ``ReduceSum``, shared by the layers that read the same input), then a float
 ``MatMul`` of ``K / block_size`` rows.
+
+The lookup is a ``GatherBlockQuantized`` over the same packed codes, so a tied embedding
+table and lm_head share one copy of the file's bits (plus the gathered minimums, where the
+format has them).
 """
 
 from __future__ import annotations
@@ -35,16 +39,17 @@ def emit_native_linear(
     weight: NativeWeight,
     accuracy_level: int,
     float_type: type[np.floating[Any]] = np.float32,
+    codes: str | None = None,
 ) -> str:
     """Add the nodes computing ``x @ weight.T`` for ``x`` [..., K] of ``float_type`` (the scales
-    and minimums take that type too); return the output's name."""
+    and minimums take that type too); return the output's name. ``codes``: the initializer
+    already holding ``weight.packed()`` (a tied embedding's), else one is added."""
     out = f"{name}/out"
     main = f"{name}/nbits" if weight.mins is not None else out
     scales = weight.flat_scales().astype(float_type)
-    inputs = [x, g.init(f"{name}.qweight", weight.packed()), g.init(f"{name}.scales", scales)]
-    zero_points = weight.zero_points()
-    if zero_points is not None:
-        inputs.append(g.init(f"{name}.qzeros", zero_points))
+    if codes is None:
+        codes = g.init(f"{name}.qweight", weight.packed())
+    inputs = [x, codes, g.init(f"{name}.scales", scales)]
     g.node(
         "MatMulNBits", inputs, [main], domain=MS_DOMAIN, K=weight.k, N=weight.n, bits=weight.bits,
         block_size=weight.block_size, accuracy_level=accuracy_level,
@@ -56,6 +61,30 @@ def emit_native_linear(
     g.node("MatMul", [blocksum, mins], [f"{name}/min_term"])
     g.node("Add", [main, f"{name}/min_term"], [out])
     return out
+
+
+def emit_native_lookup(
+    g: GraphSink, name: str, ids: str, weight: NativeWeight, float_type: type[np.floating[Any]] = np.float32
+) -> tuple[str, str]:
+    """Add the nodes looking up rows ``ids`` [batch, seq] of ``weight`` (an embedding table
+    [vocab, hidden]) as ``float_type`` [batch, seq, hidden]; return (output, the codes
+    initializer, for a tied lm_head to share)."""
+    codes = g.init(f"{name}.qweight", weight.packed())
+    scales = g.init(f"{name}.row_scales", weight.scales[:, :, None].astype(float_type))
+    inputs = [codes, ids, scales]
+    blocks = f"{name}/blocks"
+    g.node(
+        "GatherBlockQuantized", inputs, [blocks], domain=MS_DOMAIN,
+        gather_axis=0, quantize_axis=2, block_size=weight.block_size, bits=weight.bits,
+    )  # fmt: skip
+    if weight.mins is not None:
+        mins = g.init(f"{name}.row_mins", weight.mins[:, :, None].astype(float_type))
+        g.node("Gather", [mins, ids], [f"{name}/mins"])
+        g.node("Add", [blocks, f"{name}/mins"], [f"{name}/blocks_min"])
+        blocks = f"{name}/blocks_min"
+    shape = g.init(f"{name}.shape", np.array([0, 0, weight.k], dtype=np.int64))
+    g.node("Reshape", [blocks, shape], [f"{name}/out"])
+    return f"{name}/out", codes
 
 
 # Block sums already emitted per graph: (input, block size) -> output name. Layers that read the

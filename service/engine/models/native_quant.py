@@ -6,32 +6,34 @@ those are laid out as ``MatMulNBits`` wants them (``com.microsoft``):
 * ``B`` uint8 ``[N, n_blocks, block_size * bits / 8]`` (4-bit: element ``2j`` in the low
   nibble of byte ``j``);
 * ``scales`` float32 ``[N * n_blocks]``;
-* ``zero_points`` uint8, 4-bit nibbles packed per row (``[N * ceil(n_blocks / 2)]``), only
-  where the zero point is not the op's default (``2 ** (bits - 1)``).
+* no ``zero_points``: every code is stored around the op's default zero point
+  (``2 ** (bits - 1)``: 8 or 128).
 
 Formats with a per-block minimum (``w = scale * q + min``: Q4_1, Q5_1 and the K-quants
 except Q3_K/Q6_K) keep integer zero points (float zero points leave ORT's fast kernels) and
 carry ``mins`` ``[N, n_blocks]`` separately: ``x @ min_term.T`` equals the block sums of
-``x`` times ``mins``, a product 1/``block_size`` the size of the weight.
+``x`` times ``mins``, a product 1/``block_size`` the size of the weight. Their codes are
+centred on the op's default zero point, ``c`` (half their range) moving into the minimum:
+``w = scale * (q - c) + (min + c * scale)``.
 
-+--------+------+-------+-------------------------------+--------+
-| type   | bits | block | codes                         | mins   |
-+========+======+=======+===============================+========+
-| Q4_0   | 4    | 32    | q (zero point 8, the default) | no     |
-| Q4_1   | 4    | 32    | q (zero point 0)              | yes    |
-| Q4_K   | 4    | 32    | q (zero point 0)              | yes    |
-| Q2_K   | 4    | 16    | q (zero point 0)              | yes    |
-| Q3_K   | 4    | 16    | q + 8 (zero point 8)          | no     |
-| Q8_0   | 8    | 32    | q + 128                       | no     |
-| Q5_0   | 8    | 32    | q + 112                       | no     |
-| Q5_1   | 8    | 32    | q + 128                       | yes    |
-| Q5_K   | 8    | 32    | q + 128                       | yes    |
-| Q6_K   | 8    | 16    | q + 96                        | no     |
-+--------+------+-------+-------------------------------+--------+
++--------+------+-------+-------------------------------+-----------------------+
+| type   | bits | block | codes (zero point)            | mins                  |
++========+======+=======+===============================+=======================+
+| Q4_0   | 4    | 32    | q (8, the default)            | no                    |
+| Q4_1   | 4    | 32    | q (8)                         | min + 8 scale         |
+| Q4_K   | 4    | 32    | q (8)                         | min + 8 scale         |
+| Q2_K   | 4    | 16    | q + 6 (8)                     | min + 2 scale         |
+| Q3_K   | 4    | 16    | q + 8 (8)                     | no                    |
+| Q8_0   | 8    | 32    | q + 128 (128, the default)    | no                    |
+| Q5_0   | 8    | 32    | q + 112 (128)                 | no                    |
+| Q5_1   | 8    | 32    | q + 112 (128)                 | min + 16 scale        |
+| Q5_K   | 8    | 32    | q + 112 (128)                 | min + 16 scale        |
+| Q6_K   | 8    | 16    | q + 96 (128)                  | no                    |
++--------+------+-------+-------------------------------+-----------------------+
 
 Every scale is computed in float32 exactly as ``gguf.quants.dequantize`` computes it
 (``f16 d`` times the integer sub-scale), so the product differs from the dequantized one
-only by float summation order.
+only by float rounding (summation order, and the one addition of the centred minimum).
 """
 
 from __future__ import annotations
@@ -62,11 +64,11 @@ NATIVE_TYPES = frozenset(LAYOUTS)
 
 @dataclass(frozen=True, slots=True)
 class NativeWeight:
-    """A weight [N, K] in MatMulNBits form: ``w = scale * (code - zero_point) + min``."""
+    """A weight [N, K] in MatMulNBits form: ``w = scale * (code - zero_point) + min``, the
+    zero point being the op's default for the width (8 or 128)."""
 
     codes: np.ndarray  # uint8 [N, n_blocks, block_size], one code per element (unpacked)
     scales: np.ndarray  # float32 [N, n_blocks]
-    zero_point: int  # the same for every block
     mins: np.ndarray | None  # float32 [N, n_blocks]
     bits: int
     block_size: int
@@ -83,6 +85,10 @@ class NativeWeight:
     def n_blocks(self) -> int:
         return int(self.codes.shape[1])
 
+    @property
+    def zero_point(self) -> int:
+        return 1 << (self.bits - 1)
+
     def packed(self) -> np.ndarray:
         """``B`` input: uint8 [N, n_blocks, blob]."""
         if self.bits == 8:
@@ -92,16 +98,6 @@ class NativeWeight:
     def flat_scales(self) -> np.ndarray:
         return np.ascontiguousarray(self.scales.reshape(-1), dtype=np.float32)
 
-    def zero_points(self) -> np.ndarray | None:
-        """``zero_points`` input, or None where the op's default (``2 ** (bits - 1)``) holds."""
-        if self.zero_point == 1 << (self.bits - 1):
-            return None
-        if self.bits == 8:
-            return np.full(self.n * self.n_blocks, self.zero_point, dtype=np.uint8)
-        per_row = -(-self.n_blocks // 2)
-        byte = self.zero_point | (self.zero_point << 4)
-        return np.full(self.n * per_row, byte, dtype=np.uint8)
-
     def dequantize(self) -> np.ndarray:
         """The float32 [N, K] weight this stands for (for tests)."""
         w = (self.codes.astype(np.float32) - np.float32(self.zero_point)) * self.scales[:, :, None]
@@ -109,31 +105,21 @@ class NativeWeight:
             w = w + self.mins[:, :, None]
         return np.asarray(w.reshape(self.n, self.k), dtype=np.float32)
 
-    def rows(self, start: int, stop: int) -> NativeWeight:
-        """Rows ``start:stop`` (a fused gate/up matrix split in two)."""
-        mins = None if self.mins is None else self.mins[start:stop]
-        return NativeWeight(
-            self.codes[start:stop], self.scales[start:stop], self.zero_point, mins, self.bits, self.block_size
-        )
-
     def with_layout(self, bits: int, block_size: int, with_mins: bool) -> NativeWeight:
         """The same values in a wider or finer layout (for concatenating mixed-type rows)."""
         if bits < self.bits or block_size > self.block_size or self.block_size % block_size:
             raise ValueError(f"cannot narrow {self.bits}-bit/{self.block_size} to {bits}-bit/{block_size}")
         split = self.block_size // block_size
         codes = self.codes.reshape(self.n, self.n_blocks * split, block_size)
-        zero_point = self.zero_point
         if bits != self.bits:
-            shift = (1 << (bits - 1)) - self.zero_point
-            codes = codes.astype(np.int32) + shift
-            zero_point += shift
+            codes = codes.astype(np.int32) + (1 << (bits - 1)) - self.zero_point
         scales = np.repeat(self.scales, split, axis=1)
         mins = None if self.mins is None else np.repeat(self.mins, split, axis=1)
         if with_mins and mins is None:
             mins = np.zeros_like(scales)
         if mins is not None and not with_mins:
             raise ValueError("cannot drop the minimums of a weight that has them")
-        return NativeWeight(codes.astype(np.uint8), scales, zero_point, mins, bits, block_size)
+        return NativeWeight(codes.astype(np.uint8), scales, mins, bits, block_size)
 
 
 def concat_rows(weights: Sequence[NativeWeight]) -> NativeWeight:
@@ -142,15 +128,10 @@ def concat_rows(weights: Sequence[NativeWeight]) -> NativeWeight:
     block_size = min(w.block_size for w in weights)
     with_mins = any(w.mins is not None for w in weights)
     parts = [w.with_layout(bits, block_size, with_mins) for w in weights]
-    zero_points = {p.zero_point for p in parts}
-    if len(zero_points) != 1:
-        # Only 4-bit layouts can differ here (0 against 8): at 8 bits every zero point is 128.
-        parts = [w.with_layout(8, block_size, with_mins) for w in weights]
     mins = None if not with_mins else np.concatenate([p.mins for p in parts if p.mins is not None])
     return NativeWeight(
         np.concatenate([p.codes for p in parts]),
         np.concatenate([p.scales for p in parts]),
-        parts[0].zero_point,
         mins,
         parts[0].bits,
         block_size,
@@ -191,7 +172,8 @@ def _k_scale_min(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 # Each decoder takes raw blocks [b, type_size] and returns (codes [b, elements], scales [b, subblocks],
-# mins [b, subblocks] or None); the code offset and zero point follow LAYOUTS and _ZERO_POINTS.
+# mins [b, subblocks] or None): codes around the width's default zero point where there are no
+# mins, else the format's unsigned values (from_gguf centres them).
 Decoded = tuple[np.ndarray, np.ndarray, np.ndarray | None]
 
 
@@ -210,7 +192,7 @@ def _q5_0(raw: np.ndarray) -> Decoded:
 
 def _q5_1(raw: np.ndarray) -> Decoded:
     q = _nibbles(raw[:, 8:], 16) | (_high_bits(raw[:, 4:8], 32) << 4)
-    return q + 128, _f16(raw[:, 0:2]), _f16(raw[:, 2:4])
+    return q, _f16(raw[:, 0:2]), _f16(raw[:, 2:4])
 
 
 def _q8_0(raw: np.ndarray) -> Decoded:
@@ -248,7 +230,7 @@ def _q5_k(raw: np.ndarray) -> Decoded:
     qh = raw[:, 16:48]
     high = ((qh.reshape(-1, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)) & 1).reshape(-1, QK_K)
     q = _nibbles(raw[:, 48:], 32) | (high << 4)
-    return q + 128, d * sc, -(dmin * mn)
+    return q, d * sc, -(dmin * mn)
 
 
 def _q6_k(raw: np.ndarray) -> Decoded:
@@ -269,7 +251,8 @@ _DECODERS: dict[T, Callable[[np.ndarray], Decoded]] = {
     T.Q5_K: _q5_k,
     T.Q6_K: _q6_k,
 }
-_ZERO_POINTS = {T.Q4_0: 8, T.Q3_K: 8, T.Q4_1: 0, T.Q4_K: 0, T.Q2_K: 0}
+# Formats with minimums: the middle of their values' range (Q2_K's are 2-bit, Q5's 5-bit).
+_CENTRES = {T.Q4_1: 8, T.Q4_K: 8, T.Q2_K: 2, T.Q5_1: 16, T.Q5_K: 16}
 
 
 def from_gguf(raw: np.ndarray, qtype: T, k: int) -> NativeWeight:
@@ -285,11 +268,20 @@ def from_gguf(raw: np.ndarray, qtype: T, k: int) -> NativeWeight:
     blocks = rows.reshape(n * (k // elements), -1)
     codes, scales, mins = _DECODERS[qtype](blocks)
     n_blocks = k // block_size
+    codes = codes.reshape(n, n_blocks, block_size)
+    scales = scales.astype(np.float32).reshape(n, n_blocks)
+    if mins is not None:
+        # Centre the codes on the op's default zero point and move the difference into the
+        # minimum: w = scale * (q - c) + (min + c * scale). Summed with uncentred codes, the
+        # int8-quantized activations' rounding (accuracy level 4) would be multiplied by the
+        # codes' mean and no longer cancel against the exact minimum term.
+        centre = _CENTRES[qtype]
+        codes = codes.astype(np.int16) + (1 << (bits - 1)) - centre
+        mins = mins.astype(np.float32).reshape(n, n_blocks) + np.float32(centre) * scales
     return NativeWeight(
-        codes=np.ascontiguousarray(codes.astype(np.uint8).reshape(n, n_blocks, block_size)),
-        scales=np.ascontiguousarray(scales.astype(np.float32).reshape(n, n_blocks)),
-        zero_point=_ZERO_POINTS.get(qtype, 128),
-        mins=None if mins is None else np.ascontiguousarray(mins.astype(np.float32).reshape(n, n_blocks)),
+        codes=np.ascontiguousarray(codes.astype(np.uint8)),
+        scales=np.ascontiguousarray(scales),
+        mins=None if mins is None else np.ascontiguousarray(mins, dtype=np.float32),
         bits=bits,
         block_size=block_size,
     )

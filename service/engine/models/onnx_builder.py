@@ -39,7 +39,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from service.engine.models.architectures import Architecture, MLPKind
-from service.engine.models.native_linear import emit_native_linear
+from service.engine.models.native_linear import emit_native_linear, emit_native_lookup
 from service.engine.models.native_quant import NativeWeight, stack_rows
 
 if TYPE_CHECKING:
@@ -233,12 +233,18 @@ class _Graph:
         return outputs[0]
 
     def linear(
-        self, name: str, x: str, weight: np.ndarray | NativeWeight, bias: np.ndarray | None = None
+        self,
+        name: str,
+        x: str,
+        weight: np.ndarray | NativeWeight,
+        bias: np.ndarray | None = None,
+        codes: str | None = None,
     ) -> str:
-        """y = x @ weight.T (+ bias) for a float32 weight [out, in] or a GGUF one in its own bits."""
+        """y = x @ weight.T (+ bias) for a float32 weight [out, in] or a GGUF one in its own bits
+        (``codes``: the initializer already holding those bits, a tied embedding's)."""
         out = f"{name}/out"
         if isinstance(weight, NativeWeight):
-            out = emit_native_linear(self, name, x, weight, self.accuracy_level, self.float_type)
+            out = emit_native_linear(self, name, x, weight, self.accuracy_level, self.float_type, codes)
         elif self.precision is Precision.FP32:
             self.node("MatMul", [x, self.floats(f"{name}.weight", weight.T)], [out])
         else:
@@ -331,10 +337,8 @@ class _Builder:
     def build(self, max_positions: int | None) -> None:
         g, cfg = self.g, self.cfg
         self._inputs()
-        embed = self.read("token_embd.weight")
         self._rotary(max_positions or cfg.context_length)
-        hidden = self._embedding(embed)
-        del embed
+        hidden, table_codes = self._embedding()
         residual, pending = hidden, None
         for layer in range(cfg.num_layers):
             residual, pending = self._layer(layer, residual, pending)
@@ -347,10 +351,13 @@ class _Builder:
         final, _ = g.skip_rms_norm(
             "final_norm", "final/pending_last", "final/resid_last", final_weight, cfg.rms_norm_eps
         )
-        # Tied embeddings are read a second time rather than held through the whole build
-        # (natively, the lookup table above is float and the lm_head in the file's bits).
-        head = self.read.weight("token_embd.weight" if cfg.tie_word_embeddings else "output.weight")
-        g.node("Identity", [g.linear("lm_head", final, head)], ["logits"])
+        # Tied embeddings are read a second time rather than held through the whole build; in
+        # the file's bits, the lm_head shares the lookup's codes.
+        tied = cfg.tie_word_embeddings
+        head = self.read.weight("token_embd.weight" if tied else "output.weight")
+        g.node(
+            "Identity", [g.linear("lm_head", final, head, codes=table_codes if tied else None)], ["logits"]
+        )
 
     def _inputs(self) -> None:
         g = self.g
@@ -380,20 +387,35 @@ class _Builder:
             self.g.floats("cos_cache_local", cos)
             self.g.floats("sin_cache_local", sin)
 
-    def _embedding(self, embed: np.ndarray) -> str:
+    def _embedding(self) -> tuple[str, str | None]:
+        """The scaled embedding lookup, and the initializer of its codes where the table is in
+        the file's bits (a tied lm_head reads them too)."""
+        table = self.read.weight("token_embd.weight")
+        codes = None
+        if isinstance(table, NativeWeight):
+            looked_up, codes = emit_native_lookup(
+                self.g, "embed_tokens", "input_ids", table, self.g.float_type
+            )
+        else:
+            looked_up = self._float_embedding(table)
+        del table
+        if not self.arch.scale_embeddings:
+            return looked_up, codes
         g = self.g
-        # Native keeps the file's values exactly: its (dequantized) table stays float32. The half
-        # builds look up float16 rows: their activations are float16 anyway.
+        scale = g.floats("embed.scale", np.array(np.sqrt(self.cfg.hidden_size), dtype=np.float32))
+        return g.node("Mul", [looked_up, scale], ["embed/scaled"]), codes
+
+    def _float_embedding(self, embed: np.ndarray) -> str:
+        g = self.g
+        # Native keeps a float table's values exactly (float32). The half builds look up float16
+        # rows: their activations are float16 anyway.
         if g.float_type is np.float16 or g.precision in (Precision.FP32, Precision.NATIVE):
             g.node("Gather", [g.floats("embed_tokens.weight", embed), "input_ids"], ["embed/out"])
         else:  # half the memory of float32; the rounding is far below int8's
             table = g.init("embed_tokens.weight_fp16", embed.astype(np.float16))
             g.node("Gather", [table, "input_ids"], ["embed/fp16"])
             g.node("Cast", ["embed/fp16"], ["embed/out"], to=TensorProto.FLOAT)
-        if not self.arch.scale_embeddings:
-            return "embed/out"
-        scale = g.floats("embed.scale", np.array(np.sqrt(self.cfg.hidden_size), dtype=np.float32))
-        return g.node("Mul", ["embed/out", scale], ["embed/scaled"])
+        return "embed/out"
 
     def _layer(self, i: int, residual: str, pending: str | None) -> tuple[str, str]:
         """One block. ``pending`` is the previous block's output not yet added to ``residual``;
@@ -464,19 +486,19 @@ class _Builder:
 
     def _mlp(self, p: str, x: str) -> str:
         g, read = self.g, self.read
-        gate_weight: np.ndarray | NativeWeight
-        up_weight: np.ndarray | NativeWeight
+        # Gate and up read the same input: one product of their stacked rows, then a Split (at
+        # decode, each node's dispatch costs about as much as a small product).
+        both: np.ndarray | NativeWeight
         if self.arch.fused_gate_up:
-            both = read.weight(f"{p}.ffn_up.weight")
-            size = self.cfg.intermediate_size
-            if isinstance(both, NativeWeight):
-                gate_weight, up_weight = both.rows(0, size), both.rows(size, both.n)
-            else:
-                gate_weight, up_weight = both[:size], both[size:]
+            both = read.weight(f"{p}.ffn_up.weight")  # gate rows, then up rows
         else:
-            gate_weight, up_weight = read.weight(f"{p}.ffn_gate.weight"), read.weight(f"{p}.ffn_up.weight")
-        gate = g.linear(f"{p}.ffn_gate", x, gate_weight)
-        up = g.linear(f"{p}.ffn_up", x, up_weight)
+            both = stack_rows([read.weight(f"{p}.ffn_gate.weight"), read.weight(f"{p}.ffn_up.weight")])
+        gate_up = g.linear(f"{p}.ffn_gate_up", x, both)
+        del both
+        size = self.cfg.intermediate_size
+        gate, up = f"{p}/gate", f"{p}/up"
+        split = g.init(f"{p}.gate_up_split", np.array([size, size], dtype=np.int64))
+        g.node("Split", [gate_up, split], [gate, up], axis=-1)
         if self.arch.mlp is MLPKind.SWIGLU:
             g.node("Sigmoid", [gate], [f"{p}/gate_sigmoid"])
             act = g.node("Mul", [gate, f"{p}/gate_sigmoid"], [f"{p}/silu"])

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 # Bump whenever the graph, tokenizer files or configs we write change: it is part of every
 # cache key, so old prepared directories are rebuilt rather than reused.
-BUILDER_VERSION = 2
+BUILDER_VERSION = 3
 MANIFEST_NAME = "localchat.json"
 MANIFEST_FORMAT = 1
 MODEL_FILE = "model.onnx"
