@@ -96,7 +96,7 @@ class ServiceSettings:
     data_dir: Path
     database_url: str | None  # None: start the embedded PostgreSQL in data_dir
     models: tuple[str, ...] = ("default",)  # as named on the command line; the first is the default
-    precision: str = "auto"  # auto: fp16 on CUDA, int8 on the CPU
+    precision: str = "auto"  # auto: fp16 on CUDA, native on the CPU
     replica: ReplicaSettings = field(default_factory=ReplicaSettings)
 
     def with_instance_name(self) -> ServiceSettings:

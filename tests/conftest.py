@@ -46,8 +46,9 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: Path) -> 
 
 @pytest.fixture(scope="session")
 def default_model() -> PreparedModel:
-    """The real default model (SmolLM2-135M-Instruct, int8), prepared once per machine."""
-    return resolve(parse_model_arg("default"), CACHE_DIR, precision=Precision.INT8, progress=False)
+    """The real default model (SmolLM2-135M-Instruct) as the service builds it on the CPU by
+    default (native), prepared once per machine."""
+    return resolve(parse_model_arg("default"), CACHE_DIR, precision=Precision.NATIVE, progress=False)
 
 
 @pytest.fixture(scope="session")

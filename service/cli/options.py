@@ -34,10 +34,10 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, several: bool = Fals
         choices=["auto", *(p.value for p in Precision)],
         default="auto",
         help="how a GGUF's weights are built: auto (default) is fp16 when the device is CUDA, else "
-        "int8; int8 re-quantizes every weight to 8 bits; native computes with the file's own "
-        "quantized values (its float tensors at int8); int4 re-quantizes to 4 bits (meant for F16 "
-        "files); fp32 dequantizes; fp16 and native-fp16 (the CUDA builds) are int8 and native with "
-        "float16 activations, KV cache and logits",
+        "native; native computes with the file's own quantized values (its float tensors at "
+        "int8); int8 re-quantizes every weight to 8 bits; int4 re-quantizes to 4 bits (meant for "
+        "F16 files); fp32 dequantizes; fp16 and native-fp16 (the CUDA builds) are int8 and native "
+        "with float16 activations, KV cache and logits",
     )
     group.add_argument(
         "--data-dir",

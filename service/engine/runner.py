@@ -94,13 +94,14 @@ def resolve_device(device: str) -> str:
 
 
 def choose_precision(precision: str, device: str) -> Precision:
-    """``--precision auto``: fp16 where ``device`` resolves to CUDA, else int8 (the CPU's)."""
+    """``--precision auto``: fp16 where ``device`` resolves to CUDA, else native (the file's own
+    bits; its float tensors at int8)."""
     if precision != "auto":
         try:
             return Precision(precision)
         except ValueError:
             raise ModelError(f"unknown precision {precision!r}") from None
-    return Precision.FP16 if resolve_device(device) == "cuda" else Precision.INT8
+    return Precision.FP16 if resolve_device(device) == "cuda" else Precision.NATIVE
 
 
 _FLOAT_TYPES: dict[str, type[np.floating[Any]]] = {

@@ -73,7 +73,7 @@ def test_device_choice_without_a_cuda_provider(tiny_model: PreparedModel) -> Non
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("this onnxruntime has the CUDA provider: the CPU-only answers do not apply")
     assert resolve_device("auto") == "cpu"
-    assert choose_precision("auto", "auto") is Precision.INT8
+    assert choose_precision("auto", "auto") is Precision.NATIVE
     assert choose_precision("fp16", "cpu") is Precision.FP16
     with pytest.raises(ModelError, match=r"no CUDA provider.*onnxruntime-gpu"):
         resolve_device("cuda")
