@@ -76,9 +76,21 @@ def _initializer_bytes(tensor: onnx.TensorProto) -> int:
     )
 
 
+def _mlas_block_sums(node: onnx.NodeProto) -> int:
+    """Bytes ONNX Runtime's CPU kernels add when they pack a 4-bit ``MatMulNBits`` for accuracy
+    level 4: a float32 block sum (the zero point times the scale) per block, N padded to 16
+    (MLAS ``SQ4BitGemmPackQuantBDataSize`` for ``CompInt8``). Read with the codes every step."""
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    if attrs.get("bits") != 4 or attrs.get("accuracy_level") != 4:
+        return 0
+    blocks = -(-int(attrs["K"]) // int(attrs["block_size"]))
+    return -(-int(attrs["N"]) // 16) * 16 * blocks * 4
+
+
 def onnx_bytes_per_token(model_file: Path) -> dict[str, int]:
-    """Bytes of initializers our decoder reads per token: all of them, except those only gathered
-    from (the embedding table, when it is not also the output projection)."""
+    """Bytes of weights our decoder reads per token: every initializer, except those only
+    gathered from (the embedding table, when it is not also the output projection), plus the
+    block sums the runtime adds when it packs 4-bit weights."""
     model = onnx.load(str(model_file), load_external_data=False)
     users: dict[str, set[str]] = defaultdict(set)
     for node in model.graph.node:
@@ -86,4 +98,9 @@ def onnx_bytes_per_token(model_file: Path) -> dict[str, int]:
             users[name].add(node.op_type)
     sizes = {t.name: _initializer_bytes(t) for t in model.graph.initializer}
     gathered = sum(size for name, size in sizes.items() if users[name] and users[name] <= _GATHERS)
-    return {"bytes_per_token": sum(sizes.values()) - gathered, "initializer_bytes": sum(sizes.values())}
+    packing = sum(_mlas_block_sums(node) for node in model.graph.node if node.op_type == "MatMulNBits")
+    return {
+        "bytes_per_token": sum(sizes.values()) - gathered + packing,
+        "initializer_bytes": sum(sizes.values()),
+        "packing_bytes": packing,
+    }

@@ -10,9 +10,11 @@ the ratios mean anything):
   decode (M = 1) and prefill (M = 256), at accuracy levels 0, 1 and 4, one thread; the
   Q4_1/Q4_K layout with and without its minimum term (the block-sum product), and our int8
   re-quantization for comparison;
-* the default model prepared as int8 and as native (and native without its minimum
-  products: wrong values, the same work otherwise), driven by a bare runner loop
-  (alternating A B C A B C): decode tok/s and the prefill time of a ~200-token prompt;
+* the default model prepared as int8 and as native, and two variants of native with wrong
+  values: without its minimum products, and with every minimum product reading one shared,
+  cache-resident matrix (the same nodes and arithmetic: what it gains is the cost of reading
+  the minimums from memory), driven by a bare runner loop (alternating A B C D): decode tok/s
+  and the prefill time of a ~200-token prompt;
 * where decode time goes: ORT's profiler, per op kind, int8 against native.
 """
 
@@ -36,6 +38,7 @@ if str(REPO_ROOT) not in sys.path:  # run as a script: python bench/native.py
     sys.path.insert(0, str(REPO_ROOT))
 
 import gguf  # noqa: E402
+import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 from gguf import GGMLQuantizationType as T  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
@@ -163,14 +166,33 @@ class _NoMinTerms(GGUFSource):
         return None if weight is None else replace(weight, mins=None)
 
 
-def _without_min_terms(gguf_path: Path, out_dir: Path) -> Path:
-    """The native graph minus its minimum products: wrong values, but it shows what they cost."""
+def _native_variant(source: GGUFSource, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     build_decoder(
-        _NoMinTerms(gguf_path), out_dir / "model.onnx", precision=Precision.NATIVE,
+        source, out_dir / "model.onnx", precision=Precision.NATIVE,
         accuracy_level=ACCURACY_LEVELS[Precision.NATIVE], max_positions=1024,
     )  # fmt: skip
     return out_dir / "model.onnx"
+
+
+def _without_min_terms(gguf_path: Path, out_dir: Path) -> Path:
+    """The native graph minus its minimum products: wrong values, but it shows what they cost."""
+    return _native_variant(_NoMinTerms(gguf_path), out_dir)
+
+
+def _with_shared_minimums(gguf_path: Path, out_dir: Path) -> Path:
+    """The native graph whose minimum products all read the first minimum matrix of their
+    shape: the same nodes and arithmetic, but minimums that stay in cache (wrong values). What
+    it gains over native is the cost of streaming the minimums from memory."""
+    model_file = _native_variant(GGUFSource(gguf_path), out_dir)
+    model = onnx.load(str(model_file), load_external_data=False)
+    dims = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    first: dict[tuple[int, ...], str] = {}
+    for node in model.graph.node:
+        if node.op_type == "MatMul" and node.output[0].endswith("/min_term"):
+            node.input[1] = first.setdefault(dims[node.input[1]], node.input[1])
+    onnx.save(model, str(model_file))
+    return model_file
 
 
 def model_rows(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
@@ -182,10 +204,12 @@ def model_rows(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         runners[str(precision)] = _runner(model, args.threads, max_len)
     with tempfile.TemporaryDirectory(dir=args.data_dir) as work:
         gguf_path = fetch_default_gguf(args.data_dir) if args.model == "default" else Path(args.model)
-        graph = _without_min_terms(gguf_path, Path(work))
-        runners["native, no min-term"] = Runner(
-            graph, device="cpu", threads=args.threads, slots=1, max_len=max_len
-        )
+        variants = {
+            "native, no min-term": _without_min_terms(gguf_path, Path(work) / "no-min"),
+            "native, minimums in cache": _with_shared_minimums(gguf_path, Path(work) / "shared"),
+        }
+        for name, graph in variants.items():
+            runners[name] = Runner(graph, device="cpu", threads=args.threads, slots=1, max_len=max_len)
         samples: dict[str, list[tuple[float, float]]] = {name: [] for name in runners}
         for _ in range(args.rounds):
             for name, runner in runners.items():
@@ -271,7 +295,7 @@ def table(data: dict[str, Any]) -> str:
         f"median of {data['rounds']} alternated rounds (machine loaded: ratios only)"
     )
     mrows = [[name, fmt(m["decode_tok_s"]), fmt(m["prefill_ms"])] for name, m in model.items()]
-    for name in ("native", "native, no min-term"):
+    for name in ("native", "native, no min-term", "native, minimums in cache"):
         decode = ratio(model[name]["decode_tok_s"], model["int8"]["decode_tok_s"])
         prefill = ratio(model[name]["prefill_ms"], model["int8"]["prefill_ms"])
         mrows.append([f"{name} / int8", fmt(decode, 2), fmt(prefill, 2)])
