@@ -60,6 +60,7 @@ class EngineStats:
     decode_rows: int = 0  # sequences run by decode steps, summed over the steps
     beam_rows: int = 0  # of those, the rows of beam searches
     max_decode_batch: int = 0  # the most rows one decode step ran
+    slot_moves: int = 0  # cache swaps that brought the decoders back into one range of slots
 
 
 class GenerationStream:
@@ -137,6 +138,7 @@ class Engine:
         )
         self._lock = threading.Lock()
         self._wake = threading.Event()
+        self._placement_due = False
         self._ids = itertools.count(1)
         self._streams: dict[GenerationId, GenerationStream] = {}
         self._stopping = False
@@ -395,6 +397,7 @@ class Engine:
                     return
                 self._reap_cancelled(events)
                 self._admit(events)
+                self._place_due_decoders()
                 step = self._scheduler.next_step(self._settle_candidate())
                 self._update_gauges()
                 if step is None:
@@ -428,7 +431,9 @@ class Engine:
             return self.runner.forward(step.entry.slot, tokens, [step.start])
         tokens = np.asarray([[s.generated[-1]] for s in step.sequences], dtype=np.int64)
         past = [len(s.prompt) + len(s.generated) - 1 for s in step.sequences]
-        return self.runner.forward(0, tokens, past)
+        first = step.sequences[0].entry
+        assert first is not None
+        return self.runner.forward(first.slot, tokens, past)
 
     def _admit(self, events: list[tuple[GenerationStream, _Event]]) -> None:
         while self._scheduler.has_room():
@@ -704,7 +709,21 @@ class Engine:
         events.append((stream, seq.result()))
 
     def _place_decoders(self) -> None:
-        """Keep decoding sequences in slots 0..n-1, in order, so one step binds one range."""
+        """Decoding sequences must sit in one ascending run of slots, in order, before the next
+        decode step (one step binds one range). The moves wait for the worker's next pass,
+        after this step's tokens have gone out: a move swaps whole caches (a 1000-position
+        idle chat takes ~80 ms on 2 cores), and a first token should not wait for it."""
+        self._placement_due = True
+
+    def _place_due_decoders(self) -> None:
+        """Compact the decoders into slots 0..n-1 unless they already form one run (a lone
+        decoder always does: it decodes where it prefilled, nothing moves)."""
+        if not self._placement_due:
+            return
+        self._placement_due = False
+        slots = [seq.entry.slot for seq in self._scheduler.decoding if seq.entry is not None]
+        if not slots or slots == list(range(slots[0], slots[0] + len(slots))):
+            return
         for index, seq in enumerate(self._scheduler.decoding):
             assert seq.entry is not None
             if seq.entry.slot != index:
@@ -712,6 +731,7 @@ class Engine:
                 self.runner.swap_slots(
                     index, seq.entry.slot, len(other.ids) if other else 0, len(seq.entry.ids)
                 )
+                self.stats.slot_moves += 1
                 self._kv.swap(index, seq.entry.slot)
 
     def _release(self, slots: list[int]) -> None:

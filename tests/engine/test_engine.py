@@ -166,6 +166,20 @@ async def test_batched_generation_matches_alone(tiny_engine: EngineFactory) -> N
     assert together == alone
 
 
+async def test_a_lone_decoder_decodes_where_it_prefilled(tiny_engine: EngineFactory) -> None:
+    """With another chat's cache resident in slot 0, a new chat decodes in its own slot: no
+    cache is swapped (which would delay its tokens), and its tokens are those of a cold engine."""
+    async with tiny_engine() as engine:
+        await engine.submit(ChatKey("u1/long"), prompt(engine, "A long story " * 20), GREEDY).result()
+        await engine.wait_idle()
+        ids = prompt(engine, "Another question")
+        result = await engine.submit(ChatKey("u1/next"), ids, GREEDY).result()
+        assert engine.stats.slot_moves == 0
+    async with tiny_engine() as engine:
+        cold = await engine.submit(ChatKey("u1/cold"), ids, GREEDY).result()
+    assert result.token_ids == cold.token_ids
+
+
 async def test_cancel_stops_within_one_step(tiny_engine: EngineFactory) -> None:
     """After cancel, at most one more token is produced and the reason is cancelled."""
     async with tiny_engine() as engine:
