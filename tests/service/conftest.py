@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -12,6 +13,7 @@ import pytest
 
 from service.app import running_service
 from service.config import EngineSettings, ServerSettings, ServiceSettings
+from service.core.reply import Reply
 from service.engine.models.onnx_builder import Precision
 from service.engine.models.prepare import prepare_gguf
 from service.engine.models.registry import PreparedModel, describe_dir
@@ -26,6 +28,20 @@ ServiceFactory = Callable[..., AbstractAsyncContextManager[ChatServer]]
 
 def ws_url(server: ChatServer) -> str:
     return f"ws://127.0.0.1:{server.port}/ws"
+
+
+def noting_cancels(reply: Reply) -> asyncio.Event:
+    """Wrap ``reply.cancel`` so the returned event is set once the server cancels the reply
+    (how a test sees that the server noticed its client leave)."""
+    cancelled = asyncio.Event()
+    cancel = reply.cancel
+
+    def noting(cause: Any) -> None:
+        cancel(cause)
+        cancelled.set()
+
+    reply.cancel = noting  # type: ignore[method-assign]
+    return cancelled
 
 
 def tiny_settings(database_url: str, tiny_model: PreparedModel, data_dir: Path) -> ServiceSettings:

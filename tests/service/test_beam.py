@@ -25,6 +25,7 @@ from service.server import ChatServer
 from tests.engine_gate import GateFactory
 from tests.protocol.openapi_check import validate_event, validate_json, validate_request
 from tests.service.client import TIMEOUT_S
+from tests.service.conftest import noting_cancels
 
 PATH = "/stream_chat_beam"
 
@@ -100,14 +101,7 @@ async def test_a_client_that_leaves_cancels_the_search_within_one_step(
         assert response.status_code == 200
         await server.wait_until(lambda: len(server._generations) == 1)
         (reply,) = server._generations.values()
-        cancelled = asyncio.Event()
-        cancel = reply.cancel
-
-        def noting(cause: Any) -> None:
-            cancel(cause)
-            cancelled.set()
-
-        reply.cancel = noting  # type: ignore[method-assign]
+        cancelled = noting_cancels(reply)
     await asyncio.wait_for(cancelled.wait(), TIMEOUT_S)  # the server saw the client leave
     gate.release()
     await server.idle()

@@ -18,7 +18,6 @@ import httpx
 import orjson
 import pytest
 
-from service.core.reply import Reply
 from service.engine.engine import Engine
 from service.engine.models.registry import PreparedModel
 from service.engine.tokenizer import ChatMessage, ChatTokenizer
@@ -29,7 +28,7 @@ from tests.conftest import fresh_database
 from tests.engine_gate import GateFactory
 from tests.protocol.openapi_check import validate_event, validate_json, validate_request
 from tests.service.client import TIMEOUT_S
-from tests.service.conftest import serving, tiny_settings
+from tests.service.conftest import noting_cancels, serving, tiny_settings
 
 GREEDY: dict[str, Any] = {"temperature": 0, "max_tokens": 8}
 PROMPT = "Say hello to the lighthouse keeper."
@@ -286,16 +285,6 @@ async def test_refusals_have_statuses_and_messages(service: Service) -> None:
 # ---- leaving early ---------------------------------------------------------------------------
 
 
-def _noting_cancels(reply: Reply, cancelled: asyncio.Event) -> None:
-    cancel = reply.cancel
-
-    def noting(cause: Any) -> None:
-        cancel(cause)
-        cancelled.set()
-
-    reply.cancel = noting  # type: ignore[method-assign]
-
-
 async def test_closing_a_stream_cancels_within_one_step(service: Service, engine_gate: GateFactory) -> None:
     """The client closes ``/generate``'s stream after its first token: the engine runs at most the
     step it was in, and the cancellation counts as a disconnect."""
@@ -306,7 +295,6 @@ async def test_closing_a_stream_cancels_within_one_step(service: Service, engine
     gate = engine_gate(server)
     permits = 4  # the prefill and three decode steps; the fifth run waits at the gate
     gate.hold(permits)
-    cancelled = asyncio.Event()
     body = {"prompt": PROMPT, "temperature": 0, "max_tokens": 200}
     validate_request("POST", "/generate", body)
     async with (
@@ -315,7 +303,7 @@ async def test_closing_a_stream_cancels_within_one_step(service: Service, engine
     ):
         assert response.status_code == 200
         (reply,) = server._generations.values()
-        _noting_cancels(reply, cancelled)
+        cancelled = noting_cancels(reply)
         async for line in response.aiter_lines():
             if line.startswith("data: "):
                 validate_event("POST", "/generate", 200, orjson.loads(line.removeprefix("data: ")))
@@ -343,9 +331,7 @@ async def test_leaving_a_whole_batch_cancels_it(service: Service, engine_gate: G
     request = asyncio.create_task(service.post("/generate_batch", body))
     await server.wait_until(lambda: len(server._generations) == len(prompts))
     replies = list(server._generations.values())
-    noted = [asyncio.Event() for _ in replies]
-    for reply, cancelled in zip(replies, noted, strict=True):
-        _noting_cancels(reply, cancelled)
+    noted = [noting_cancels(reply) for reply in replies]
     request.cancel()  # closes the connection
     with pytest.raises(asyncio.CancelledError):
         await request

@@ -23,7 +23,7 @@ from service.server import ChatServer
 from service.store.records import token_hash
 from tests.engine_gate import GateFactory
 from tests.service.client import TIMEOUT_S, Client
-from tests.service.conftest import ServiceFactory, ws_url
+from tests.service.conftest import ServiceFactory, noting_cancels, ws_url
 from tests.service.test_http import scrape
 
 GREEDY: dict[str, Any] = {"temperature": 0, "max_tokens": 12}
@@ -340,14 +340,7 @@ async def test_closing_a_stream_cancels_its_generation_within_one_step(
         max_tokens=200,
     )
     (reply,) = server._generations.values()
-    cancelled = asyncio.Event()
-    cancel = reply.cancel
-
-    def noting(cause: Any) -> None:
-        cancel(cause)
-        cancelled.set()
-
-    reply.cancel = noting  # type: ignore[method-assign]
+    cancelled = noting_cancels(reply)
     async for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
             break
