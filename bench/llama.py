@@ -132,12 +132,17 @@ class Prompts:
 # ---------------------------------------------------------------- the measurements
 
 
-async def single(server: Server, prompts: Prompts, tokens: int, max_tokens: int) -> dict[str, Any]:
-    system, user = prompts.chat(tokens)
+async def first_turn(server: Server, system: str, user: str, max_tokens: int) -> Reply:
+    """A new chat's one turn; the chat is closed and the server idle again when it returns."""
     chat = await server.chat(system)
     reply = await chat.turn(user, max_tokens)
     await chat.close()
     await server.idle()
+    return reply
+
+
+async def single(server: Server, prompts: Prompts, tokens: int, max_tokens: int) -> dict[str, Any]:
+    reply = await first_turn(server, *prompts.chat(tokens), max_tokens)
     return {
         "ttft_ms": reply.ttft_ms,
         "decode_tok_s": reply.decode_tok_s,
@@ -151,10 +156,7 @@ async def single(server: Server, prompts: Prompts, tokens: int, max_tokens: int)
 
 async def shared(server: Server, system: str, prompts: Prompts) -> dict[str, Any]:
     """A new chat's first turn under a system prompt other chats of the same user already used."""
-    chat = await server.chat(system)
-    reply = await chat.turn(prompts.follow_up(), 2)
-    await chat.close()
-    await server.idle()
+    reply = await first_turn(server, system, prompts.follow_up(), 2)
     return {
         "ttft_ms": reply.ttft_ms,
         "prompt_tokens": reply.prompt_tokens,
