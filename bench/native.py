@@ -15,6 +15,10 @@ the ratios mean anything):
   cache-resident matrix (the same nodes and arithmetic: what it gains is the cost of reading
   the minimums from memory), driven by a bare runner loop (alternating A B C D): decode tok/s
   and the prefill time of a ~200-token prompt;
+* the kernel floor: each build's ``MatMulNBits`` nodes alone (the same weights, in the same
+  order, each fed a graph input of its width), timed per decoded token in the same rounds:
+  what the products cost with nothing else around them, so the rest of a step (minimum
+  products, attention, norms, the executor's per-node cost) is the gap to the full graph;
 * where decode time goes: ORT's profiler, per op kind, int8 against native.
 """
 
@@ -195,14 +199,65 @@ def _with_shared_minimums(gguf_path: Path, out_dir: Path) -> Path:
     return model_file
 
 
+def _kernels_only(model_file: Path, out_dir: Path) -> Path:
+    """A graph of ``model_file``'s ``MatMulNBits`` nodes alone, each reading input ``x<K>``."""
+    model = onnx.load(str(model_file))
+    initializers = {t.name: t for t in model.graph.initializer}
+    nodes, weights, widths = [], [], set()
+    for node in model.graph.node:
+        if node.op_type != "MatMulNBits":
+            continue
+        k = next(a.i for a in node.attribute if a.name == "K")
+        widths.add(k)
+        alone = helper.make_node(node.op_type, [f"x{k}", *node.input[1:]], node.output, domain=node.domain)
+        alone.attribute.extend(node.attribute)
+        nodes.append(alone)
+        weights += [initializers[name] for name in node.input[1:] if name in initializers]
+    unique = list({w.name: w for w in weights}.values())  # a tied lm_head shares the embedding's codes
+    inputs = [helper.make_tensor_value_info(f"x{k}", TensorProto.FLOAT, [1, k]) for k in sorted(widths)]
+    outputs = [helper.make_tensor_value_info(n.output[0], TensorProto.FLOAT, None) for n in nodes]
+    graph = helper.make_graph(nodes, "kernels", inputs, outputs, unique)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / "model.onnx"
+    onnx.save(
+        helper.make_model(graph, opset_imports=model.opset_import), str(out),
+        save_as_external_data=True, location="model.onnx.data",
+    )  # fmt: skip
+    return out
+
+
+def _kernels_run(session: ort.InferenceSession, tokens: int) -> tuple[float | None, float]:
+    """(no prefill, decoded tokens per second) of a :func:`_kernels_only` graph."""
+    rng = np.random.default_rng(0)
+    feeds = {i.name: rng.standard_normal(i.shape).astype(np.float32) for i in session.get_inputs()}
+    session.run(None, feeds)
+    started = time.perf_counter()
+    for _ in range(tokens):
+        session.run(None, feeds)
+    return None, tokens / (time.perf_counter() - started)
+
+
 def model_rows(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     prompt = [int(t) for t in np.random.default_rng(1).integers(100, 40000, 200)]
     max_len = len(prompt) + args.tokens + 1
     runners = {}
+    models = {}
     for precision in (Precision.INT8, Precision.NATIVE):
-        model = resolve(parse_model_arg(args.model), args.data_dir, precision=precision, progress=True)
-        runners[str(precision)] = _runner(model, args.threads, max_len)
+        models[precision] = resolve(
+            parse_model_arg(args.model), args.data_dir, precision=precision, progress=True
+        )
+        runners[str(precision)] = _runner(models[precision], args.threads, max_len)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = args.threads
     with tempfile.TemporaryDirectory(dir=args.data_dir) as work:
+        floors = {
+            f"{precision}, MatMulNBits only": ort.InferenceSession(
+                str(_kernels_only(model.model_file, Path(work) / f"{precision}-kernels")),
+                options,
+                providers=["CPUExecutionProvider"],
+            )
+            for precision, model in models.items()
+        }
         gguf_path = fetch_default_gguf(args.data_dir) if args.model == "default" else Path(args.model)
         variants = {
             "native, no min-term": _without_min_terms(gguf_path, Path(work) / "no-min"),
@@ -210,13 +265,15 @@ def model_rows(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         }
         for name, graph in variants.items():
             runners[name] = Runner(graph, device="cpu", threads=args.threads, slots=1, max_len=max_len)
-        samples: dict[str, list[tuple[float, float]]] = {name: [] for name in runners}
+        samples: dict[str, list[tuple[float | None, float]]] = {name: [] for name in [*runners, *floors]}
         for _ in range(args.rounds):
             for name, runner in runners.items():
                 samples[name].append(_decode_run(runner, prompt, args.tokens))
+            for name, session in floors.items():
+                samples[name].append(_kernels_run(session, args.tokens))
     return {
         name: {
-            "prefill_ms": median(p * 1000 for p, _ in runs),
+            "prefill_ms": median(p * 1000 for p, _ in runs if p is not None),
             "decode_tok_s": median(r for _, r in runs),
             "prompt_tokens": len(prompt),
             "decode_tokens": args.tokens,
@@ -299,6 +356,9 @@ def table(data: dict[str, Any]) -> str:
         decode = ratio(model[name]["decode_tok_s"], model["int8"]["decode_tok_s"])
         prefill = ratio(model[name]["prefill_ms"], model["int8"]["prefill_ms"])
         mrows.append([f"{name} / int8", fmt(decode, 2), fmt(prefill, 2)])
+    for name in ("int8", "native"):  # the products' share of a whole decode step
+        share = ratio(model[name]["decode_tok_s"], model[f"{name}, MatMulNBits only"]["decode_tok_s"])
+        mrows.append([f"{name}: MatMulNBits' share of a step", fmt(share, 2), "-"])
     out.append(format_table(["precision", "decode tok/s", "prefill ms (200 tok)"], mrows))
     out += ["", "where decode time goes (ms per token, 1 thread, ORT profiler)"]
     profiles = data["profile"]
