@@ -35,28 +35,29 @@ if str(REPO_ROOT) not in sys.path:  # run as a script: python bench/schedule.py
     sys.path.insert(0, str(REPO_ROOT))
 
 from bench.common import RESULTS_DIR, fmt, format_table, ratio, run_facts, write_json  # noqa: E402
+from bench.engine import concurrent  # noqa: E402
 from bench.llama import CHATS, bench_model  # noqa: E402
 from service.config import EngineSettings  # noqa: E402
 from service.engine.engine import Engine  # noqa: E402
 from service.engine.loader import load_engine  # noqa: E402
 from service.engine.models.onnx_builder import Precision  # noqa: E402
 from service.engine.models.registry import parse_model_arg, resolve  # noqa: E402
-from service.engine.types import ChatKey, SamplingParams  # noqa: E402
 
 PROMPT_TOKENS = 140  # what bench/llama.py's ~150-token chat prompts come to
 
 
 class TimedRuns:
-    """Wraps the engine's runner: every model run's shape and seconds."""
+    """Wraps the engine's runner: every model run's shape, seconds and end."""
 
     def __init__(self, engine: Engine) -> None:
-        self.runs: list[tuple[int, int, float]] = []  # (batch, tokens per row, seconds)
+        self.runs: list[tuple[int, int, float, float]] = []  # (batch, tokens per row, seconds, ended)
         forward = engine.runner.forward
 
         def timed(first_slot: int, tokens: np.ndarray, past_lengths: Any) -> np.ndarray:
             started = time.perf_counter()
             logits = forward(first_slot, tokens, past_lengths)
-            self.runs.append((*tokens.shape, time.perf_counter() - started))
+            ended = time.perf_counter()
+            self.runs.append((*tokens.shape, ended - started, ended))
             return logits
 
         engine.runner.forward = timed  # type: ignore[method-assign]
@@ -65,15 +66,12 @@ class TimedRuns:
 async def eight_chats(engine: Engine, runs: TimedRuns, tokens: int, seed: int) -> dict[str, Any]:
     rng = np.random.default_rng(seed)
     prompts = [[int(t) for t in rng.integers(100, 40000, PROMPT_TOKENS)] for _ in range(CHATS)]
-    params = SamplingParams(max_tokens=tokens, temperature=0)
     runs.runs.clear()
     started = time.perf_counter()
-    streams = [engine.submit(ChatKey(f"s{seed}-{i}"), p, params) for i, p in enumerate(prompts)]
-    results = await asyncio.gather(*(s.result() for s in streams))
-    seconds = time.perf_counter() - started
-    timed = list(runs.runs)  # the turns' own runs: settling the caches afterwards is not theirs
-    await engine.wait_idle()
-    completion = sum(len(r.token_ids) for r in results)
+    measured, _ = await concurrent(engine, f"s{seed}", prompts, tokens)
+    seconds = measured.tokens / measured.tok_s  # from the submits to the last reply's end
+    # The turns' own runs: after the last reply the engine settles the chats' caches, not theirs.
+    timed = [(b, s, t) for b, s, t, ended in runs.runs if ended <= started + seconds]
     prefills = [(s, t) for b, s, t in timed if s > 1]
     decodes = [(b, t) for b, s, t in timed if s == 1]
     prefill_tokens, prefill_s = sum(s for s, _ in prefills), sum(t for _, t in prefills)
@@ -83,8 +81,8 @@ async def eight_chats(engine: Engine, runs: TimedRuns, tokens: int, seed: int) -
     per_token = prefill_s / prefill_tokens
     return {
         "seconds": seconds,
-        "tok_s": completion / seconds,
-        "completion_tokens": completion,
+        "tok_s": measured.tok_s,
+        "completion_tokens": measured.tokens,
         "prefill_runs": len(prefills),
         "prefill_tokens": prefill_tokens,
         "prefill_s": prefill_s,
@@ -94,7 +92,7 @@ async def eight_chats(engine: Engine, runs: TimedRuns, tokens: int, seed: int) -
         "decode_s": sum(t for _, t in decodes),
         "decode_ms_by_batch": {str(b): float(np.median(ts)) * 1000 for b, ts in sorted(by_batch.items())},
         "outside_runs_s": seconds - prefill_s - sum(t for _, t in decodes),
-        "floor_s": (prefill_tokens + completion) * per_token,
+        "floor_s": (prefill_tokens + measured.tokens) * per_token,
     }
 
 
